@@ -1,0 +1,210 @@
+"""ViP2-CLIP on a frozen backbone (DESIGN.md 2.2; facts from the public code).
+
+Per image: ViP-Prompt turns the global embedding into [normal, abnormal] text features (one
+batched text pass of B x 2 sequences); per tapped layer, the shared FGP module refines them
+against that layer's patch tokens. With the refined text of each layer:
+
+- map: softmax over [normal, abnormal] of cosine / 0.07 per patch, anomaly
+  ``(p_abnormal + 1 - p_normal) / 2``, mean over layers, bilinear upsample to the input size,
+  Gaussian smoothing (sigma 8 at 518 px, scaled with the input size);
+- image score: per layer the top-k patches by p_abnormal, their cosines to both texts,
+  concatenated over layers and averaged, / 0.07, softmax, p_abnormal
+  (:func:`topk_image_logits`). The global embedding enters only through the prompts.
+
+The detector uses no class name: its class label is always ``object``. All layers go through
+FGP, the similarities and the top-k selection as one stacked batch (no loop over images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from model.anomaly_maps import (
+    TEMPERATURE,
+    anomaly_from_probabilities,
+    gaussian_smooth,
+    patch_probabilities_to_grid,
+    smoothing_sigma,
+    upsample,
+)
+from model.backbone import ClipBackbone, VisualFeatures
+from model.detector import OBJECT_LABEL
+from model.genclip.torch_model import TrainingOutputs
+from model.scoring import AnomalyScorer, BatchScores
+from model.vip2clip.fgp import FGP
+from model.vip2clip.prompt_learner import ViPPrompt
+
+PROMPT_LR = 1e-3
+FGP_LR = 1e-5
+
+
+@dataclass(frozen=True)
+class VIP2CLIPConfig:
+    """Prompt sizes and inference options.
+
+    Attributes:
+        context_tokens: learnable context vectors per prompt (normal and abnormal each).
+        class_slots: image-conditioned class-slot vectors shared by both prompts.
+        fgp_heads: attention heads of FGP (must divide the backbone's embed_dim).
+        top_k: patches per layer that make the image score (capped at the patch count).
+        smoothing_sigma: Gaussian sigma of the map at 518 px (scaled with the input size).
+    """
+
+    context_tokens: int = 7
+    class_slots: int = 3
+    fgp_heads: int = 8
+    top_k: int = 50
+    smoothing_sigma: float = 8.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _topk_logits_from_cosines(cosines: torch.Tensor, k: int) -> torch.Tensor:
+    """(L, B, N, 2) patch-to-[normal, abnormal] cosines -> (B, 2) image logits (top-k rule)."""
+    layers, batch, patches, _ = cosines.shape
+    k = max(1, min(int(k), patches))
+    p_abnormal = (cosines / TEMPERATURE).softmax(dim=-1)[..., 1]  # (L, B, N)
+    index = p_abnormal.topk(k, dim=-1).indices  # (L, B, k)
+    selected = cosines.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 2))  # (L, B, k, 2)
+    # Concatenating the L x k selections and averaging = mean over both axes.
+    return selected.mean(dim=(0, 2)) / TEMPERATURE
+
+
+def layer_cosines(patch_tokens: Sequence[torch.Tensor], text_per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cosines of every patch to each layer's [normal, abnormal] text.
+
+    Args:
+        patch_tokens: per layer, (B, N, D) unit-norm patch tokens.
+        text_per_layer: per layer, (B, 2, D) unit-norm text features.
+
+    Returns:
+        (L, B, N, 2) cosines.
+    """
+    if len(patch_tokens) != len(text_per_layer) or not patch_tokens:
+        raise ValueError(f"{len(patch_tokens)} patch layers but {len(text_per_layer)} text layers")
+    return torch.stack([tokens @ text.transpose(1, 2) for tokens, text in zip(patch_tokens, text_per_layer)])
+
+
+def topk_image_logits(
+    patch_tokens: Sequence[torch.Tensor], text_per_layer: Sequence[torch.Tensor], k: int
+) -> torch.Tensor:
+    """ViP2-CLIP image logits from the top-k patches of each layer.
+
+    Per layer, rank the patches by p_abnormal (softmax over [normal, abnormal] of cosine / 0.07),
+    keep the top ``k`` (at most N), gather their cosines to both texts, concatenate over layers,
+    average, and divide by 0.07.
+
+    Args:
+        patch_tokens: per layer, (B, N, D) unit-norm patch tokens.
+        text_per_layer: per layer, (B, 2, D) unit-norm [normal, abnormal] text features.
+        k: patches kept per layer.
+
+    Returns:
+        (B, 2) logits; ``softmax(...)[:, 1]`` is the image anomaly score.
+    """
+    return _topk_logits_from_cosines(layer_cosines(patch_tokens, text_per_layer), k)
+
+
+class VIP2CLIP(AnomalyScorer):
+    """ViP-Prompt + FGP on a frozen backbone; only those two modules learn."""
+
+    name = "vip2clip"
+
+    def __init__(
+        self,
+        backbone: ClipBackbone,
+        layers: Sequence[int],
+        image_size: int,
+        config: VIP2CLIPConfig = VIP2CLIPConfig(),
+    ) -> None:
+        super().__init__(backbone, layers, image_size)
+        self.config = config
+        embed_dim = backbone.embed_dim
+        if embed_dim % config.fgp_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by fgp_heads {config.fgp_heads}")
+        self.prompt_learner = ViPPrompt(backbone, config.context_tokens, config.class_slots)
+        self.fgp = FGP(embed_dim, embed_dim, embed_dim, config.fgp_heads)
+        self.prompt_learner.to(backbone.device)
+        self.fgp.to(backbone.device)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def prompt_sizes(self) -> dict[str, int]:
+        return {
+            "context_tokens": self.config.context_tokens,
+            "class_slots": self.config.class_slots,
+            "fgp_heads": self.config.fgp_heads,
+        }
+
+    def parameter_groups(self, prompt_lr: float = PROMPT_LR, fgp_lr: float = FGP_LR) -> list[dict]:
+        """Adam parameter groups: ViP-Prompt at ``prompt_lr`` (1e-3), FGP at ``fgp_lr`` (1e-5)."""
+        return [
+            {"params": [p for p in self.prompt_learner.parameters() if p.requires_grad], "lr": prompt_lr},
+            {"params": [p for p in self.fgp.parameters() if p.requires_grad], "lr": fgp_lr},
+        ]
+
+    # ------------------------------------------------------------------ maths
+    def text_features(self, global_embedding: torch.Tensor) -> torch.Tensor:
+        """(B, D) global embeddings -> (B, 2, D) unit-norm ViP-Prompt text features (before FGP)."""
+        return self.prompt_learner(self.backbone, global_embedding)
+
+    def refined_text(self, patch_tokens: Sequence[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        """FGP per layer, all layers in one call.
+
+        Args:
+            patch_tokens: per layer, (B, N, D) unit-norm patch tokens.
+            text: (B, 2, D) ViP-Prompt text features.
+
+        Returns:
+            (L, B, 2, D) unit-norm refined text features.
+        """
+        return self._refine_stacked(torch.stack(list(patch_tokens)), text)
+
+    def _refine_stacked(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(L, B, N, D) patches, (B, 2, D) text -> (L, B, 2, D): one FGP call over L x B."""
+        layers, batch, count, dim = patches.shape
+        queries = text.unsqueeze(0).expand(layers, -1, -1, -1).reshape(layers * batch, 2, text.shape[-1])
+        refined = self.fgp(queries, patches.reshape(layers * batch, count, dim))
+        return refined.view(layers, batch, 2, -1)
+
+    def _layer_outputs(self, features: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, B, 2, gh, gw) patch probabilities and (B, 2) top-k image logits."""
+        text = self.text_features(features.global_embedding)
+        patches = torch.stack(features.patch_tokens)  # (L, B, N, D), stacked once
+        refined = self._refine_stacked(patches, text)  # (L, B, 2, D)
+        cosines = patches @ refined.transpose(-1, -2)  # (L, B, N, 2)
+        probabilities = (cosines / TEMPERATURE).softmax(dim=-1)
+        layers, batch = probabilities.shape[:2]
+        grid = patch_probabilities_to_grid(probabilities.flatten(0, 1), features.grid)
+        grid = grid.view(layers, batch, 2, *features.grid)
+        return grid, _topk_logits_from_cosines(cosines, self.config.top_k)
+
+    def forward_train(self, pixels: torch.Tensor, class_names: Sequence[str | None]) -> TrainingOutputs:
+        """Training pass (class names are unused: the prompts carry no class name).
+
+        Returns:
+            per layer (B, 2, H, W) probabilities at the input size, and (B, 2) top-k image logits.
+        """
+        with torch.no_grad():  # the backbone is frozen: no graph through the vision tower
+            features = self.backbone.encode_image(pixels, self.layers)
+        grid, image_logits = self._layer_outputs(features)
+        layers, batch = grid.shape[:2]
+        size = (pixels.shape[-2], pixels.shape[-1])
+        upsampled = upsample(grid.flatten(0, 1), size).view(layers, batch, 2, *size)
+        return TrainingOutputs(list(upsampled.unbind(0)), image_logits)
+
+    def score_features(self, features: VisualFeatures, class_names: Sequence[str | None]) -> BatchScores:
+        batch = features.global_embedding.shape[0]
+        if len(class_names) != batch:
+            raise ValueError(f"{batch} images but {len(class_names)} class names")
+        grid, image_logits = self._layer_outputs(features)
+        # Mean over layers commutes with the (linear) bilinear upsample: upsample once.
+        coarse = anomaly_from_probabilities(grid.flatten(0, 1)).view(grid.shape[0], batch, *features.grid).mean(dim=0)
+        maps = upsample(coarse.float(), (self.image_size, self.image_size))
+        maps = gaussian_smooth(maps, smoothing_sigma(self.config.smoothing_sigma, self.image_size)).clamp_(0.0, 1.0)
+        scores = image_logits.float().softmax(dim=-1)[:, 1].clamp(0.0, 1.0)
+        return BatchScores(maps=maps, scores=scores, class_labels=[OBJECT_LABEL] * batch)
