@@ -225,8 +225,6 @@ def train(
         epoch_loss = total / max(count, 1)
         epoch_losses.append(epoch_loss)
         log.info("epoch %d/%d loss %.4f", epoch + 1, config.epochs, epoch_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, epoch_loss)
         state_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
@@ -239,6 +237,8 @@ def train(
             },
             state_file,
         )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, epoch_loss)
 
     metadata = {
         "detector": config.detector,
