@@ -77,3 +77,14 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def max_map_score(maps: torch.Tensor) -> torch.Tensor:
     """(B, H, W) -> (B,) peak value of each map."""
     return maps.flatten(1).amax(dim=1)
+
+
+def finalize_maps(coarse: torch.Tensor, image_size: int, reference_sigma: float) -> torch.Tensor:
+    """(B, gh, gw) patch-grid anomaly -> (B, S, S) smoothed map in [0, 1] at the input size."""
+    maps = upsample(coarse, (image_size, image_size))
+    return gaussian_smooth(maps, smoothing_sigma(reference_sigma, image_size)).clamp_(0.0, 1.0)
+
+
+def global_and_peak_score(global_abnormal: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """(B,) image score: mean of the global abnormal probability and the map's peak, in [0, 1]."""
+    return (0.5 * global_abnormal + 0.5 * max_map_score(maps)).clamp(0.0, 1.0)

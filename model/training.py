@@ -49,6 +49,7 @@ class TrainingConfig:
         prompt_options: detector config fields (prompt sizes...).
         max_steps_per_epoch: cap for quick runs and tests (``None``: full epochs).
         data_description: what was trained on (kind, root, categories), for the sidecar.
+        data_workers: DataLoader worker processes decoding images (0: in the main process).
     """
 
     detector: str = "genclip"
@@ -64,6 +65,7 @@ class TrainingConfig:
     prompt_options: dict[str, Any] = field(default_factory=dict)
     max_steps_per_epoch: int | None = None
     data_description: dict[str, Any] = field(default_factory=dict)
+    data_workers: int = 0
 
 
 @dataclass
@@ -183,7 +185,9 @@ def train(
         batch_size=config.batch_size,
         shuffle=True,
         generator=generator,
-        num_workers=0,
+        num_workers=config.data_workers,
+        pin_memory=use_amp,
+        persistent_workers=config.data_workers > 0,
         drop_last=False,
     )
 

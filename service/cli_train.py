@@ -36,6 +36,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", type=Path, default=None, help="checkpoint path (default weights/<name>.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same output")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loading processes (default: 4 on GPU, 0 on CPU)")
     parser.add_argument("--no-progress", action="store_true")
     _add(parser, _BACKBONE_FLAGS)
     parser.set_defaults(func=main_train)
@@ -71,6 +73,7 @@ def main_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         max_steps_per_epoch=args.max_steps_per_epoch,
         data_description={"data": args.data, "root": str(args.root)},
+        data_workers=args.workers if args.workers is not None else (4 if backbone.device.type == "cuda" else 0),
     )
     print(
         f"training {config.detector} on {len(samples)} {args.data} images "

@@ -15,12 +15,10 @@ import torch.nn.functional as F
 
 from model.anomaly_maps import (
     anomaly_from_probabilities,
-    gaussian_smooth,
-    max_map_score,
+    finalize_maps,
+    global_and_peak_score,
     patch_probabilities_to_grid,
-    smoothing_sigma,
     two_way_probabilities,
-    upsample,
 )
 from model.backbone import ClipBackbone, VisualFeatures
 from model.prompt_text import normalise_class_name
@@ -99,8 +97,6 @@ class PromptEnsembleScorer(AnomalyScorer):
             anomaly_from_probabilities(patch_probabilities_to_grid(two_way_probabilities(tokens, text), features.grid))
             for tokens in features.patch_tokens
         ]).mean(dim=0)
-        maps = upsample(coarse, (self.image_size, self.image_size))
-        maps = gaussian_smooth(maps, smoothing_sigma(self.sigma, self.image_size)).clamp_(0.0, 1.0)
-        global_abnormal = two_way_probabilities(features.global_embedding, text)[:, 1]
-        scores = 0.5 * global_abnormal + 0.5 * max_map_score(maps)
-        return BatchScores(maps=maps, scores=scores.clamp(0.0, 1.0), class_labels=names)
+        maps = finalize_maps(coarse, self.image_size, self.sigma)
+        scores = global_and_peak_score(two_way_probabilities(features.global_embedding, text)[:, 1], maps)
+        return BatchScores(maps=maps, scores=scores, class_labels=names)

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from model.anomaly_maps import (
+    TEMPERATURE,
     anomaly_from_probabilities,
-    gaussian_smooth,
-    max_map_score,
+    finalize_maps,
+    global_and_peak_score,
     patch_probabilities_to_grid,
-    smoothing_sigma,
     two_way_probabilities,
     upsample,
 )
@@ -37,7 +37,6 @@ from model.detector import OBJECT_LABEL
 from model.genclip.class_name_filter import ClassNameFilter
 from model.prompt_text import normalise_class_name, placeholder_prompt
 from model.scoring import AnomalyScorer, BatchScores
-from model.anomaly_maps import TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -212,8 +211,6 @@ class GenCLIP(AnomalyScorer):
         prompt_names = self.class_filter.filter(features.global_embedding, class_names)
         layer_maps, image_logits = self._branch_probabilities(features, prompt_names)
         coarse = torch.stack([anomaly_from_probabilities(p) for p in layer_maps]).mean(dim=0)  # (B, gh, gw)
-        maps = upsample(coarse, (self.image_size, self.image_size))
-        maps = gaussian_smooth(maps, smoothing_sigma(self.config.smoothing_sigma, self.image_size)).clamp_(0.0, 1.0)
-        global_abnormal = image_logits.softmax(dim=-1)[:, 1]
-        scores = 0.5 * global_abnormal + 0.5 * max_map_score(maps)
-        return BatchScores(maps=maps, scores=scores.clamp(0.0, 1.0), class_labels=list(prompt_names))
+        maps = finalize_maps(coarse, self.image_size, self.config.smoothing_sigma)
+        scores = global_and_peak_score(image_logits.softmax(dim=-1)[:, 1], maps)
+        return BatchScores(maps=maps, scores=scores, class_labels=list(prompt_names))

@@ -26,9 +26,8 @@ from torch import nn
 from model.anomaly_maps import (
     TEMPERATURE,
     anomaly_from_probabilities,
-    gaussian_smooth,
+    finalize_maps,
     patch_probabilities_to_grid,
-    smoothing_sigma,
     upsample,
 )
 from model.backbone import ClipBackbone, VisualFeatures
@@ -204,7 +203,6 @@ class VIP2CLIP(AnomalyScorer):
         grid, image_logits = self._layer_outputs(features)
         # Mean over layers commutes with the (linear) bilinear upsample: upsample once.
         coarse = anomaly_from_probabilities(grid.flatten(0, 1)).view(grid.shape[0], batch, *features.grid).mean(dim=0)
-        maps = upsample(coarse.float(), (self.image_size, self.image_size))
-        maps = gaussian_smooth(maps, smoothing_sigma(self.config.smoothing_sigma, self.image_size)).clamp_(0.0, 1.0)
+        maps = finalize_maps(coarse.float(), self.image_size, self.config.smoothing_sigma)
         scores = image_logits.float().softmax(dim=-1)[:, 1].clamp(0.0, 1.0)
         return BatchScores(maps=maps, scores=scores, class_labels=[OBJECT_LABEL] * batch)
