@@ -17,6 +17,8 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -51,7 +53,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=str, default=None, help="also write the figures to this file")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure the given detectors in this process (default: one process per detector, "
+                             "so each peak RSS is that detector's own)")
     args = parser.parse_args()
+    if not args.in_process:
+        run_isolated(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -100,6 +108,28 @@ def main() -> None:
             print(f"batch {batch}  {name:9s} inspect {full_time:8.3f} s  bare vision {bare_time:8.3f} s  "
                   f"ratio {row['ratio']:.3f} (target <= 1.20)  peak RSS {row['peak_rss_gb']:.2f} GB")
     print(f"peak RSS overall: {peak_rss_gb():.2f} GB (target <= 3.5 GB at batch 4)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+def run_isolated(args: argparse.Namespace) -> None:
+    """One child process per detector; collect and print their figures."""
+    rows = []
+    for detector in args.detectors:
+        command = [sys.executable, __file__, "--in-process", "--detectors", detector,
+                   "--backbone", args.backbone, "--image-size", str(args.image_size),
+                   "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        child_json = f"/tmp/bench_model_{detector}.json"
+        subprocess.run([*command, "--json", child_json], check=True)
+        with open(child_json) as handle:
+            rows.extend(json.load(handle))
+    print("\nsummary (ratio = full inspection / bare vision forward, target <= 1.20; RSS target <= 3.5 GB at batch 4)")
+    for row in rows:
+        print(f"  {row['detector']:9s} batch {row['batch']}: ratio {row['ratio']:.3f}, "
+              f"{row['per_image_ms']:.0f} ms/image, peak RSS {row['peak_rss_gb']:.2f} GB")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
