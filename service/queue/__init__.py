@@ -1,0 +1,27 @@
+"""Job queue: one interface (:mod:`.base`), two transports (:mod:`.inprocess`, :mod:`.redis_streams`)."""
+
+from service.queue.base import (
+    Job,
+    JobQueue,
+    JobResult,
+    NoWorkerAvailable,
+    PendingJob,
+    QueueError,
+    QueueFull,
+    QueueUnavailable,
+    WorkerInfo,
+    WorkSource,
+)
+
+__all__ = [
+    "Job",
+    "JobQueue",
+    "JobResult",
+    "NoWorkerAvailable",
+    "PendingJob",
+    "QueueError",
+    "QueueFull",
+    "QueueUnavailable",
+    "WorkSource",
+    "WorkerInfo",
+]
