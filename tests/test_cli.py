@@ -98,7 +98,7 @@ def test_predict_writes_heatmaps_at_input_size(synthetic_root: Path, tmp_path: P
     out = tmp_path / "pred"
     assert main(["predict", str(image_path), "--class-name", "bottle", "--out", str(out), *TINY_FLAGS]) == 0
     with Image.open(out / "part_heatmap.png") as heatmap:
-        assert heatmap.size == (150, 90) and heatmap.mode == "RGB"
+        assert heatmap.size == (150, 90) and heatmap.convert("RGB").getpixel((0, 0)) != (0, 0, 0)
     record = json.loads((out / "predictions.json").read_text())["predictions"][0]
     assert 0.0 <= record["score"] <= 1.0 and record["class_label"] == "bottle"
     assert "part.png" in capsys.readouterr().out
