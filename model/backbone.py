@@ -29,6 +29,7 @@ from model.errors import WeightsFormatError
 from model.weights_source import TINY_MODEL_NAME, BackboneSpec, ResolvedWeights, resolve_weights
 
 POS_EMBED_RESIZE = "bilinear-runtime"
+RANDOM_WEIGHTS_SEED = 0
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
@@ -257,5 +258,13 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Cli
     if spec.model_name not in open_clip.list_models():
         raise WeightsFormatError(f"Unknown open_clip model {spec.model_name!r}")
     weights = resolve_weights(spec)
-    clip = _load_open_clip(spec, weights)
+    if weights.path is None:
+        # Random weights are drawn from a fixed seed, without touching the caller's RNG, so
+        # every process that builds the same random backbone gets the same network (a prompt
+        # checkpoint trained on it then scores the same in the service).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            clip = _load_open_clip(spec, weights)
+    else:
+        clip = _load_open_clip(spec, weights)
     return ClipBackbone(clip, spec, weights).to(device)

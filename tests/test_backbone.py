@@ -136,3 +136,13 @@ def test_vit_l_14_336_round_trips_through_a_local_file(tmp_path: Path) -> None:
     for x, y in zip(a.patch_tokens, b.patch_tokens):
         assert torch.equal(x, y)
     assert torch.equal(text_a, text_b)
+
+
+def test_random_backbones_are_reproducible_and_leave_the_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_backbone(BackboneSpec("tiny-clip-random", "random"))
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream is untouched
+    second = load_backbone(BackboneSpec("tiny-clip-random", "random"))
+    assert torch.equal(first.clip.visual.conv1.weight, second.clip.visual.conv1.weight)
