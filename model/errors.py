@@ -15,3 +15,8 @@ class CheckpointError(ValueError):
 
 class UnknownDetectorError(ValueError):
     """The configuration names a detector that does not exist."""
+
+
+# Everything that means "the configured detector cannot be built": callers report these
+# as a configuration problem (CLI exit 2, service refuses to start), not as a crash.
+DETECTOR_LOAD_ERRORS = (WeightsNotFoundError, WeightsFormatError, CheckpointError, UnknownDetectorError)

@@ -54,7 +54,7 @@ def qualitative_figure(image: Image.Image, mask: np.ndarray, anomaly_map: np.nda
 def main_evaluate(args: argparse.Namespace) -> int:
     from model.data.errors import DatasetError
     from model.data.registry import read_dataset
-    from model.errors import CheckpointError, UnknownDetectorError, WeightsFormatError, WeightsNotFoundError
+    from model.errors import DETECTOR_LOAD_ERRORS
     from model.evaluation import evaluate, markdown_table
     from model.factory import build_detector
 
@@ -62,7 +62,7 @@ def main_evaluate(args: argparse.Namespace) -> int:
     try:
         samples = read_dataset(args.data, args.root, args.categories)
         detector = build_detector(settings.detector_config())
-    except (DatasetError, WeightsNotFoundError, WeightsFormatError, CheckpointError, UnknownDetectorError) as error:
+    except (DatasetError, *DETECTOR_LOAD_ERRORS) as error:
         print(f"genclip evaluate: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("reports") / f"{detector.identity.name}_{args.data}"

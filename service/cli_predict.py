@@ -44,13 +44,13 @@ def _open(path: Path) -> Image.Image:
 
 
 def main_predict(args: argparse.Namespace) -> int:
-    from model.errors import CheckpointError, UnknownDetectorError, WeightsFormatError, WeightsNotFoundError
+    from model.errors import DETECTOR_LOAD_ERRORS
     from model.factory import build_detector
 
     settings = settings_from_args(args)
     try:
         detector = build_detector(settings.detector_config())
-    except (WeightsNotFoundError, WeightsFormatError, CheckpointError, UnknownDetectorError) as error:
+    except DETECTOR_LOAD_ERRORS as error:
         print(f"genclip predict: cannot load the detector: {error}", file=sys.stderr)
         return 2
     thresholds = Thresholds.load(settings.thresholds_file, settings.default_threshold)

@@ -93,17 +93,12 @@ def _configure_logging(level: str) -> None:
 
 def _load_detector_or_exit(settings: Settings, command: str) -> Any:
     """Build the detector now so that a missing file stops start-up with a clear message."""
-    from model.errors import (
-        CheckpointError,
-        UnknownDetectorError,
-        WeightsFormatError,
-        WeightsNotFoundError,
-    )
+    from model.errors import DETECTOR_LOAD_ERRORS
     from service.worker import load_detector
 
     try:
         detector = load_detector(settings)
-    except (WeightsNotFoundError, WeightsFormatError, CheckpointError, UnknownDetectorError) as exc:
+    except DETECTOR_LOAD_ERRORS as exc:
         print(f"genclip {command}: cannot load the detector: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     log.info("detector ready: %s on %s", detector.identity, getattr(detector, "device", "?"))
