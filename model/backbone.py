@@ -6,6 +6,11 @@ One vision forward pass gives, for chosen transformer blocks, the patch tokens p
 positional embedding is resized bilinearly on the patch grid at run time, so any input size
 that is a multiple of the patch size works (ViT-L-14-336 runs at 518 px on a 37x37 grid).
 
+The transformer blocks of the vision tower run through a pluggable :class:`VisionRuntime`:
+:class:`TorchVisionRuntime` (the default, this module) or the OpenVINO one
+(:mod:`model.runtime.openvino_runtime`). Whatever runs them, ``ln_post``, the projection and
+the L2 norm stay here in torch, so every runtime shares the same post-processing.
+
 The text side encodes either plain strings or caller-built token embeddings (learned prompt
 vectors in some slots), always cut to the longest real prompt of the batch: the causal mask
 and end-of-text pooling make the cut exact and it saves most of the text cost.
@@ -13,6 +18,7 @@ and end-of-text pooling make the cut exact and it saves most of the text cost.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,8 @@ class VisualFeatures:
         global_embedding: (B, D) unit-norm image embedding (final class token, projected).
         grid: (grid_h, grid_w) patch grid.
         layers: the 1-based blocks the lists above hold, in order.
+        final_class_token: (B, W) the last block's class token *before* ``ln_post`` (the
+            published ViP2-CLIP projects it without ``ln_post`` for its global embedding).
     """
 
     patch_tokens: list[torch.Tensor]
@@ -52,6 +60,18 @@ class VisualFeatures:
     global_embedding: torch.Tensor
     grid: tuple[int, int]
     layers: tuple[int, ...]
+    final_class_token: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> VisualFeatures:
+        """The same pass restricted to some images of the batch. rows: (K,) batch indices."""
+        return VisualFeatures(
+            [tokens[rows] for tokens in self.patch_tokens],
+            [tokens[rows] for tokens in self.layer_class_tokens],
+            self.global_embedding[rows],
+            self.grid,
+            self.layers,
+            final_class_token=self.final_class_token[rows],
+        )
 
     def select(self, layers: Sequence[int]) -> VisualFeatures:
         """The same pass restricted to a subset of its layers (for detectors sharing a pass)."""
@@ -62,12 +82,86 @@ class VisualFeatures:
             self.global_embedding,
             self.grid,
             tuple(layers),
+            final_class_token=self.final_class_token,
         )
 
 
 def default_layers(num_blocks: int) -> tuple[int, ...]:
     """Quarter points of the vision tower, 1-based: 24 blocks -> (6, 12, 18, 24)."""
     return tuple(sorted({max(1, round(num_blocks * q / 4)) for q in (1, 2, 3, 4)}))
+
+
+def resized_positional_embedding(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + gh*gw, W) positional embedding of ``visual``, bilinearly resized on the patch grid."""
+    pos = visual.positional_embedding.detach()
+    class_pos, grid_pos = pos[:1], pos[1:]
+    native = visual.grid_size
+    if tuple(grid) != tuple(native):
+        grid_pos = grid_pos.reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
+        grid_pos = F.interpolate(grid_pos.float(), size=grid, mode="bilinear", align_corners=False)
+        grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    return torch.cat([class_pos, grid_pos.to(class_pos.dtype)], dim=0)
+
+
+class VisionRuntime(ABC):
+    """What runs the vision tower's transformer blocks: pixels in, block outputs out.
+
+    Attributes:
+        name: runtime name reported in the detector identity (``torch``, ``openvino``).
+        precision: numeric precision of the blocks (``fp32``, ``int8``).
+    """
+
+    name: str
+    precision: str
+
+    @abstractmethod
+    def hidden_states(self, pixels: torch.Tensor, layers: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run the blocks, keeping the outputs of the tapped ones.
+
+        Args:
+            pixels: (B, 3, H, W) normalised images, H and W multiples of the patch size.
+            layers: sorted, distinct 1-based blocks to tap.
+
+        Returns:
+            ``(block_outputs, final_class_token)``: per tapped layer, in order, the (B, 1 + N, W)
+            block output (class token first, before ``ln_post``); and the (B, W) class token of
+            the final block (before ``ln_post``). Tensors live on ``pixels``' device.
+        """
+
+
+class TorchVisionRuntime(VisionRuntime):
+    """The blocks of an open_clip ``VisionTransformer`` run in torch (any device, any dtype)."""
+
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, visual: open_clip.transformer.VisionTransformer) -> None:
+        self.visual = visual
+        self._pos_embed_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _positional_embedding(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (grid[0], grid[1], device, dtype)
+        cached = self._pos_embed_cache.get(key)
+        if cached is None:
+            cached = resized_positional_embedding(self.visual, grid).to(device=device, dtype=dtype)
+            self._pos_embed_cache[key] = cached
+        return cached
+
+    def hidden_states(self, pixels: torch.Tensor, layers: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        visual = self.visual
+        wanted = set(layers)
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        x = x.flatten(2).transpose(1, 2)
+        class_token = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([class_token, x], dim=1) + self._positional_embedding(grid, x.device, x.dtype)
+        x = visual.ln_pre(x)
+        outputs: list[torch.Tensor] = []
+        for index, block in enumerate(visual.transformer.resblocks, start=1):
+            x = block(x)
+            if index in wanted:
+                outputs.append(x)
+        return outputs, x[:, 0]
 
 
 class ClipBackbone(nn.Module):
@@ -85,7 +179,7 @@ class ClipBackbone(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(spec.model_name)
         self.register_buffer("pixel_mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
-        self._pos_embed_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self.vision_runtime: VisionRuntime = TorchVisionRuntime(visual)
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
         self.clip.eval()
@@ -142,26 +236,17 @@ class ClipBackbone(nn.Module):
         pixels = torch.from_numpy(np.stack(arrays)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         return (pixels - self.pixel_mean) / self.pixel_std
 
-    def _positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """(1 + gh*gw, W) positional embedding, bilinearly resized on the patch grid and cached."""
-        key = (grid[0], grid[1], self.device, dtype)
-        cached = self._pos_embed_cache.get(key)
-        if cached is not None:
-            return cached
-        visual = self.clip.visual
-        pos = visual.positional_embedding.detach()
-        class_pos, grid_pos = pos[:1], pos[1:]
-        native = visual.grid_size
-        if tuple(grid) != tuple(native):
-            grid_pos = grid_pos.reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
-            grid_pos = F.interpolate(grid_pos.float(), size=grid, mode="bilinear", align_corners=False)
-            grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-        resized = torch.cat([class_pos, grid_pos.to(class_pos.dtype)], dim=0).to(dtype)
-        self._pos_embed_cache[key] = resized
-        return resized
+    def set_vision_runtime(self, runtime: VisionRuntime) -> None:
+        """Run the vision blocks with ``runtime`` from now on (post-processing stays in torch)."""
+        if not isinstance(runtime, VisionRuntime):
+            raise TypeError(f"expected a VisionRuntime, got {type(runtime).__name__}")
+        self.vision_runtime = runtime
 
     def encode_image(self, pixels: torch.Tensor, layers: Sequence[int]) -> VisualFeatures:
         """One forward pass with taps after the given 1-based blocks.
+
+        The blocks run in :attr:`vision_runtime`; ``ln_post``, the projection and the L2 norm
+        run here in torch.
 
         Args:
             pixels: (B, 3, H, W) normalised images, H and W multiples of the patch size.
@@ -170,26 +255,19 @@ class ClipBackbone(nn.Module):
         visual = self.clip.visual
         if pixels.shape[-1] % self.patch_size or pixels.shape[-2] % self.patch_size:
             raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of patch {self.patch_size}")
-        wanted = sorted(set(layers))
+        wanted = tuple(sorted(set(layers)))
         if not wanted or wanted[0] < 1 or wanted[-1] > self.num_blocks:
-            raise ValueError(f"layers {wanted} outside 1..{self.num_blocks}")
-        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = x.flatten(2).transpose(1, 2)
-        class_token = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([class_token, x], dim=1) + self._positional_embedding(grid, x.dtype)
-        x = visual.ln_pre(x)
-
+            raise ValueError(f"layers {list(wanted)} outside 1..{self.num_blocks}")
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        block_outputs, final_class_token = self.vision_runtime.hidden_states(pixels, wanted)
         patch_tokens: list[torch.Tensor] = []
         layer_class_tokens: list[torch.Tensor] = []
-        for index, block in enumerate(visual.transformer.resblocks, start=1):
-            x = block(x)
-            if index in wanted:
-                normed = visual.ln_post(x)
-                layer_class_tokens.append(normed[:, 0])
-                patch_tokens.append(F.normalize(normed[:, 1:] @ visual.proj, dim=-1))
-        global_embedding = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
-        return VisualFeatures(patch_tokens, layer_class_tokens, global_embedding, grid, tuple(wanted))
+        for x in block_outputs:
+            normed = visual.ln_post(x)
+            layer_class_tokens.append(normed[:, 0])
+            patch_tokens.append(F.normalize(normed[:, 1:] @ visual.proj, dim=-1))
+        global_embedding = F.normalize(visual.ln_post(final_class_token) @ visual.proj, dim=-1)
+        return VisualFeatures(patch_tokens, layer_class_tokens, global_embedding, grid, wanted, final_class_token)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -1,15 +1,21 @@
 """Prompt checkpoints: ``<name>.safetensors`` (prompt tensors only) + ``<name>.json`` sidecar.
 
-The sidecar records what the prompts were trained for (detector, backbone, weights, layers,
-input size, positional-embedding resize mode, prompt sizes) and how (data, categories,
-epochs, seed, final loss, code version). Loading checks it against the running backbone and
-refuses a mismatch: prompts trained for one setting score silently wrong under another.
+The sidecar records what the prompts were trained for (detector, profile, the detector's
+whole config, backbone, weights, layers, input size, positional-embedding resize mode) and how
+(data, categories, epochs, seed, final loss, code version; or the imported file). Loading
+checks it against the running backbone and refuses a mismatch: prompts trained for one
+setting score silently wrong under another. Tensors holding NaN or Inf are refused too.
+
+Format 2 (this one) stores ``detector_config`` whole and ``profile``; format 1 stored only
+``prompt_sizes`` and is refused with a message saying what to do (no format-1 checkpoint was
+ever published).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,10 @@ from model.backbone import POS_EMBED_RESIZE, ClipBackbone
 from model.errors import CheckpointError
 from model.weights_source import RANDOM_WEIGHTS
 
-FORMAT_VERSION = 1
-REQUIRED_FIELDS = ("format_version", "detector", "backbone", "backbone_weights", "layers", "image_size", "prompt_sizes")
+FORMAT_VERSION = 2
+REQUIRED_FIELDS = (
+    "format_version", "detector", "profile", "detector_config", "backbone", "backbone_weights", "layers", "image_size",
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,12 @@ class PromptCheckpoint:
         return int(self.metadata["image_size"])
 
     @property
-    def prompt_sizes(self) -> dict[str, Any]:
-        return dict(self.metadata["prompt_sizes"])
+    def profile(self) -> str:
+        return str(self.metadata["profile"])
+
+    @property
+    def detector_config(self) -> dict[str, Any]:
+        return dict(self.metadata["detector_config"])
 
 
 def sidecar_path(path: Path) -> Path:
@@ -65,6 +77,24 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("genclip-inspect")
+    except PackageNotFoundError:
+        package = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{package}+{commit}" if commit else package
+
+
 def backbone_metadata(backbone: ClipBackbone) -> dict[str, Any]:
     return {
         "backbone": backbone.model_name,
@@ -74,6 +104,13 @@ def backbone_metadata(backbone: ClipBackbone) -> dict[str, Any]:
         "text_width": backbone.text_width,
         "vision_width": backbone.vision_width,
     }
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf."""
+    return sorted(
+        name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    )
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
@@ -104,15 +141,27 @@ def read_checkpoint(path: Path) -> PromptCheckpoint:
         raise CheckpointError(f"Checkpoint sidecar {sidecar} is not valid JSON: {error}") from error
     if not isinstance(metadata, dict):
         raise CheckpointError(f"Checkpoint sidecar {sidecar} must hold a JSON object")
+    if metadata.get("format_version") == 1:
+        raise CheckpointError(
+            f"Checkpoint {path} is in format 1 (written before the sidecar recorded the detector's whole "
+            "config and profile, and before ViP2-CLIP's class-slot bias moved after the slot MLPs, as the "
+            "published code has it). Retrain it with `genclip train` (same options), or for the authors' "
+            "ViP2-CLIP checkpoints use `genclip import-checkpoint --format vip2clip-official`."
+        )
     missing = [name for name in REQUIRED_FIELDS if name not in metadata]
     if missing:
         raise CheckpointError(f"Checkpoint sidecar {sidecar} lacks fields {missing}")
     if metadata["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"Checkpoint {path}: format version {metadata['format_version']} (expected {FORMAT_VERSION})")
+    if not isinstance(metadata["detector_config"], dict):
+        raise CheckpointError(f"Checkpoint sidecar {sidecar}: detector_config must be a JSON object")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"Prompt checkpoint {path} is not a readable safetensors file: {error}") from error
+    broken = non_finite_tensors(tensors)
+    if broken:
+        raise CheckpointError(f"Prompt checkpoint {path} holds NaN or Inf in {broken}: refusing to serve it")
     return PromptCheckpoint(tensors=tensors, metadata=metadata, digest=file_digest(path), path=path)
 
 
@@ -138,18 +187,32 @@ def check_compatible(checkpoint: PromptCheckpoint, backbone: ClipBackbone, detec
         raise CheckpointError(f"Checkpoint {checkpoint.path} does not fit the running backbone: " + "; ".join(problems))
 
 
-def load_prompt_tensors(module: torch.nn.Module, checkpoint: PromptCheckpoint, expected: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into ``module``; keys and shapes must match ``expected`` exactly."""
-    missing = sorted(set(expected) - set(checkpoint.tensors))
-    unexpected = sorted(set(checkpoint.tensors) - set(expected))
+def check_prompt_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Keys, shapes and dtypes of ``tensors`` must match ``expected`` exactly.
+
+    Raises:
+        CheckpointError: naming every missing, unexpected, wrongly shaped or typed tensor.
+    """
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     wrong_shape = [
-        f"{name} {tuple(checkpoint.tensors[name].shape)} != {tuple(tensor.shape)}"
+        f"{name} {tuple(tensors[name].shape)} != {tuple(tensor.shape)}"
         for name, tensor in expected.items()
-        if name in checkpoint.tensors and checkpoint.tensors[name].shape != tensor.shape
+        if name in tensors and tensors[name].shape != tensor.shape
     ]
-    if missing or unexpected or wrong_shape:
+    wrong_dtype = [
+        f"{name} {tensors[name].dtype} != {tensor.dtype}"
+        for name, tensor in expected.items()
+        if name in tensors and tensors[name].dtype != tensor.dtype
+    ]
+    if missing or unexpected or wrong_shape or wrong_dtype:
         raise CheckpointError(
-            f"Checkpoint {checkpoint.path} does not match the {checkpoint.detector} prompt layout: "
-            f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong_shape}"
+            f"{where} does not match the prompt layout: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {wrong_shape}, wrong dtypes {wrong_dtype}"
         )
+
+
+def load_prompt_tensors(module: torch.nn.Module, checkpoint: PromptCheckpoint, expected: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into ``module``; keys, shapes and dtypes must match ``expected``."""
+    check_prompt_tensors(checkpoint.tensors, expected, f"Checkpoint {checkpoint.path} ({checkpoint.detector})")
     module.load_state_dict(checkpoint.tensors, strict=False)

@@ -3,16 +3,22 @@
 A detector takes a batch of PIL images (any sizes, any modes) and optional class names and
 returns one :class:`Inspection` per image. Everything downstream (CLI, evaluation, the HTTP
 service) talks to this protocol only; prompt internals stay behind it.
+
+A product's few-shot reference (a bank of good patches, :mod:`model.fewshot`) is built through
+the same interface (:meth:`Detector.build_reference`) and passed back per image at inspection
+(:class:`FewShotReference`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+from model.fewshot import ReferenceBank, ReferenceBuild, ReferenceConfig
 
 OBJECT_LABEL = "object"
 
@@ -29,6 +35,8 @@ class DetectorIdentity:
         layers: 1-based transformer blocks whose patch tokens are tapped.
         image_size: side of the square model input in pixels.
         checkpoint: sha256 hex digest of the prompt checkpoint, or ``None`` (training-free).
+        runtime: what ran the vision tower: ``torch`` or ``openvino``.
+        precision: its arithmetic: ``fp32``, ``int8`` (OpenVINO) or ``fp16`` (torch autocast on CUDA).
     """
 
     name: str
@@ -37,11 +45,31 @@ class DetectorIdentity:
     layers: tuple[int, ...]
     image_size: int
     checkpoint: str | None = None
+    runtime: str = "torch"
+    precision: str = "fp32"
 
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["layers"] = list(self.layers)
         return data
+
+
+@dataclass(frozen=True)
+class FewShotReference:
+    """A product's good-patch bank and the weight it is fused with.
+
+    Attributes:
+        bank: the product's reference bank (built by :meth:`Detector.build_reference`).
+        weight: ``w`` in ``fused = (1 - w) * zero_shot + w * few_shot`` (maps and scores);
+            use the weight the bank was calibrated with, or its thresholds do not apply.
+    """
+
+    bank: ReferenceBank
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"fusion weight must lie in [0, 1], got {self.weight}")
 
 
 @dataclass
@@ -52,7 +80,8 @@ class Inspection:
         score: image-level anomaly score in [0, 1].
         anomaly_map: float32 array (H, W) in [0, 1] at the *input image's* resolution.
         class_label: the class name actually used after Class Name Filtering, or ``object``.
-        component_scores: per-detector scores when several detectors are fused (ensemble).
+        component_scores: per-detector scores when several detectors are fused (ensemble),
+            plus ``zero_shot`` and ``few_shot`` when a reference was fused in.
     """
 
     score: float
@@ -72,14 +101,41 @@ class Detector(Protocol):
         self,
         images: Sequence[Image.Image],
         class_names: Sequence[str | None] | None = None,
+        references: Sequence[FewShotReference | None] | None = None,
     ) -> list[Inspection]:
         """Score a batch.
 
         Args:
             images: B PIL images of any size and mode.
             class_names: B optional product names (``None`` entries mean unknown).
+            references: B optional few-shot references (``None`` entries: zero-shot only).
+                Different images may carry different banks.
 
         Returns:
-            B inspections, in input order; each map is (H_i, W_i) of image i.
+            B inspections, in input order; each map is (H_i, W_i) of image i. A referenced
+            image's map and score are the fused ones, and its ``component_scores`` gain
+            ``{"zero_shot": s0, "few_shot": s1}``.
+
+        Raises:
+            ReferenceMismatchError: a bank built for another detector setting (before any work).
+        """
+        ...
+
+    def build_reference(
+        self,
+        images: Sequence[Image.Image],
+        class_names: Sequence[str | None] | None = None,
+        *,
+        config: ReferenceConfig = ReferenceConfig(),
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ReferenceBuild:
+        """Build a product's bank from good images and calibrate its thresholds.
+
+        One vision pass per good image (batched); the bank keeps the tapped layers' patch
+        tokens (coreset-capped); both thresholds are calibrated leave-one-out on the fused
+        outputs at ``config.fusion_weight``; ``progress(done, total)`` follows the images.
+
+        Raises:
+            ReferenceError: fewer than two images.
         """
         ...

@@ -29,6 +29,12 @@ class EnsembleScorer(AnomalyScorer):
         super().__init__(members[0].backbone, layers, sizes.pop())
         self.members = torch.nn.ModuleList(members)
 
+    @property
+    def smoothing_sigma(self) -> float:
+        """Mean of the members' sigmas (GenCLIP 4 + ViP2-CLIP 8 -> 6): the few-shot map gets one
+        blur between the members' (their maps are each blurred with their own, then averaged)."""
+        return sum(member.smoothing_sigma for member in self.members) / len(self.members)
+
     def score_features(self, features: VisualFeatures, class_names: Sequence[str | None]) -> BatchScores:
         results = [member.score_features(features.select(member.layers), class_names) for member in self.members]
         maps = torch.stack([result.maps for result in results]).mean(dim=0)

@@ -1,9 +1,11 @@
 """Prompt training on auxiliary data: frozen backbone, Adam, focal + Dice + image CE.
 
-The loop is the same for every trainable detector (GenCLIP, ViP2-CLIP): a detector gives
-``forward_train(pixels, class_names) -> TrainingOutputs`` and optionally
-``parameter_groups()`` for per-group learning rates. Training is resumable (a state file
-beside the output, written every epoch) and writes ``<output>.safetensors`` + ``.json``.
+The loop is the same for every trainable detector (GenCLIP, ViP2-CLIP): a
+:class:`model.scoring.TrainableScorer` gives ``forward_train(pixels, class_names)`` and
+``parameter_groups(lr)`` (ViP2-CLIP: FGP at lr / 100). Training is resumable (a state file
+beside the output, written every epoch, which records the run it belongs to: resuming another
+detector, config or data is refused) and writes ``<output>.safetensors`` + ``.json`` with the
+detector's whole config.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from model.backbone import ClipBackbone, default_layers
-from model.checkpoint import backbone_metadata, save_checkpoint
+from model.checkpoint import backbone_metadata, code_version, non_finite_tensors, save_checkpoint
 from model.data.sample import InspectionSample, load_image, load_mask
+from model.errors import ResumeError
 from model.losses import image_loss, segmentation_loss
 from model.scorer_registry import TRAINABLE_DETECTORS, create_scorer
-from model.scoring import AnomalyScorer
+from model.scoring import TrainableScorer
 
 log = logging.getLogger(__name__)
 
@@ -116,38 +118,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def code_version() -> str:
-    """Package version plus the git commit when running from a checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("genclip-inspect")
-    except PackageNotFoundError:
-        package = "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{package}+{commit}" if commit else package
-
-
-def build_optimizer(scorer: AnomalyScorer, learning_rate: float) -> torch.optim.Optimizer:
-    """Adam over the prompt parameters; a detector may define its own groups (ViP2-CLIP)."""
-    groups_of = getattr(scorer, "parameter_groups", None)
-    groups = groups_of() if callable(groups_of) else [{"params": scorer.prompt_parameters(), "lr": learning_rate}]
-    return torch.optim.Adam(groups, lr=learning_rate)
+def build_optimizer(scorer: TrainableScorer, learning_rate: float) -> torch.optim.Optimizer:
+    """Adam over the detector's parameter groups for ``learning_rate``."""
+    if not isinstance(scorer, TrainableScorer):
+        raise TypeError(f"{type(scorer).__name__} is not a TrainableScorer: it has nothing to train")
+    return torch.optim.Adam(scorer.parameter_groups(learning_rate), lr=learning_rate)
 
 
 def resume_path(output: Path) -> Path:
     return output.with_suffix(".resume.pt")
 
 
-def training_loss(scorer: AnomalyScorer, batch: dict[str, Any], image_loss_weight: float) -> torch.Tensor:
+def run_identity(scorer: TrainableScorer, backbone: ClipBackbone, config: TrainingConfig, samples: int) -> dict[str, Any]:
+    """What a resume state must match: the detector, its whole config, the backbone, the data
+    and the optimisation settings (not the epoch count: a run may be extended)."""
+    return {
+        **scorer.checkpoint_metadata(),
+        "backbone": backbone.model_name,
+        "backbone_weights": backbone.weights_label,
+        "learning_rate": config.learning_rate,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "image_loss_weight": config.image_loss_weight,
+        "data": {**config.data_description, "samples": samples},
+    }
+
+
+def _read_resume_state(state_file: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Load a resume state and check it belongs to this run.
+
+    Raises:
+        ResumeError: unreadable, written by another run (named field by field), or holding
+            NaN / Inf.
+    """
+    remedy = f"delete {state_file} to start afresh, or run with the settings it was written with"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ResumeError(f"Cannot read the resume state {state_file}: {error}; {remedy}") from error
+    recorded = state.get("run") if isinstance(state, dict) else None
+    if not isinstance(recorded, dict):
+        raise ResumeError(f"{state_file} does not record which run wrote it (an older version's file); {remedy}")
+    differences = [
+        f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in identity.items() if recorded.get(key) != value
+    ]
+    if differences:
+        raise ResumeError(
+            f"The resume state {state_file} belongs to a different run ({recorded.get('detector')}, "
+            f"profile {recorded.get('profile')}): " + "; ".join(differences) + f". {remedy}"
+        )
+    broken = non_finite_tensors(state["prompts"])
+    if broken:
+        raise ResumeError(f"The resume state {state_file} holds NaN or Inf in {broken}; {remedy}")
+    return state
+
+
+def training_loss(scorer: TrainableScorer, batch: dict[str, Any], image_loss_weight: float) -> torch.Tensor:
     device = scorer.backbone.device
-    outputs = scorer.forward_train(batch["pixels"].to(device), list(batch["class_name"]))  # type: ignore[attr-defined]
+    outputs = scorer.forward_train(batch["pixels"].to(device), list(batch["class_name"]))
     mask = batch["mask"].to(device)
     has_mask = torch.as_tensor(batch["has_mask"], device=device)
     loss = segmentation_loss([p.float() for p in outputs.layer_probabilities], mask, has_mask)
@@ -161,11 +189,18 @@ def train(
     config: TrainingConfig,
     progress: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    on_resume: Callable[[Path, int, list[float]], None] | None = None,
 ) -> TrainingResult:
     """Train prompts on ``samples`` and write the checkpoint.
 
+    Args:
+        on_epoch_end: called with (epoch, mean loss) after each epoch.
+        on_resume: called with (state file, epochs already done, their losses) when
+            ``config.resume`` picks up an interrupted run.
+
     Raises:
         ValueError: unknown detector, or no samples.
+        ResumeError: ``config.resume`` and the state file belongs to another run or is damaged.
     """
     if config.detector not in TRAINABLE_DETECTORS:
         raise ValueError(f"cannot train {config.detector!r}; trainable detectors: {TRAINABLE_DETECTORS}")
@@ -175,8 +210,11 @@ def train(
 
     seed_everything(config.seed)
     layers = config.layers or default_layers(backbone.num_blocks)
-    scorer = create_scorer(config.detector, backbone, layers, config.image_size, config.prompt_options).to(backbone.device)
+    scorer = create_scorer(config.detector, backbone, layers, config.image_size, config.prompt_options)
+    assert isinstance(scorer, TrainableScorer)
+    scorer.to(backbone.device)
     optimizer = build_optimizer(scorer, config.learning_rate)
+    identity = run_identity(scorer, backbone, config, len(samples))
     use_amp = backbone.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     generator = torch.Generator().manual_seed(config.seed)
@@ -195,7 +233,7 @@ def train(
     start_epoch = 0
     state_file = resume_path(Path(config.output))
     if config.resume and state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        state = _read_resume_state(state_file, identity)
         scorer.load_state_dict(state["prompts"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -203,6 +241,8 @@ def train(
         epoch_losses = list(state["epoch_losses"])
         start_epoch = int(state["epoch"])
         log.info("resuming %s from epoch %d", state_file, start_epoch)
+        if on_resume is not None:
+            on_resume(state_file, start_epoch, list(epoch_losses))
 
     started = time.time()
     for epoch in range(start_epoch, config.epochs):
@@ -238,6 +278,7 @@ def train(
                 "torch_rng": torch.get_rng_state(),
                 "epoch_losses": epoch_losses,
                 "epoch": epoch + 1,
+                "run": identity,
             },
             state_file,
         )
@@ -245,11 +286,8 @@ def train(
             on_epoch_end(epoch + 1, epoch_loss)
 
     metadata = {
-        "detector": config.detector,
+        **scorer.checkpoint_metadata(),
         **backbone_metadata(backbone),
-        "layers": list(scorer.layers),
-        "image_size": config.image_size,
-        "prompt_sizes": scorer.prompt_sizes(),
         "training": {
             **config.data_description,
             "categories": sorted({sample.category for sample in samples}),

@@ -14,7 +14,7 @@ from pathlib import Path
 import open_clip
 from open_clip import pretrained as open_clip_pretrained
 
-from model.errors import WeightsNotFoundError
+from model.errors import WeightsFormatError, WeightsNotFoundError
 
 RANDOM_WEIGHTS = "random"
 TINY_MODEL_NAME = "tiny-clip-random"
@@ -55,7 +55,52 @@ class ResolvedWeights:
 
 
 def is_random(spec: BackboneSpec) -> bool:
-    return spec.model_name == TINY_MODEL_NAME or spec.weights in (None, "", RANDOM_WEIGHTS)
+    """Random initialisation: ``random`` / no weights, or the tiny test model with anything but
+    an existing file (it has no pretrained tag; a converted tiny file loads, for tests)."""
+    if spec.weights in (None, "", RANDOM_WEIGHTS):
+        return True
+    return spec.model_name == TINY_MODEL_NAME and not Path(str(spec.weights)).expanduser().is_file()
+
+
+def recorded_file_facts(path: Path) -> dict[str, str]:
+    """The metadata ``genclip convert-backbone`` writes into a ``.safetensors`` file (``quick_gelu``,
+    ``backbone``...); empty for other files."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsFormatError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _model_config_uses_quick_gelu(model_name: str) -> bool:
+    return model_name.endswith("-quickgelu") or bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu"))
+
+
+def _local_file(spec: BackboneSpec, path: Path) -> ResolvedWeights:
+    """A local weight file; QuickGELU as recorded in the file (converted files), else as
+    :func:`_quick_gelu_for` decides."""
+    facts = recorded_file_facts(path)
+    recorded_backbone = facts.get("backbone")
+    if recorded_backbone and recorded_backbone != spec.model_name:
+        raise WeightsFormatError(
+            f"{path} was converted for open_clip's {recorded_backbone}, but the backbone is {spec.model_name}: "
+            f"set GENCLIP_BACKBONE={recorded_backbone} (or convert again with --backbone {spec.model_name})"
+        )
+    recorded = facts.get("quick_gelu")
+    if recorded is None or spec.quick_gelu is not None:
+        return ResolvedWeights(path=path, label=str(path), quick_gelu=_quick_gelu_for(spec, None))
+    quick_gelu = recorded == "true"
+    if not quick_gelu and _model_config_uses_quick_gelu(spec.model_name):
+        raise WeightsFormatError(
+            f"{path} records GELU (quick_gelu=false) but open_clip's {spec.model_name} config uses QuickGELU: "
+            "use the config without QuickGELU"
+        )
+    # ``quick_gelu`` here means "force it on": not needed where the config already has it.
+    return ResolvedWeights(path=path, label=str(path), quick_gelu=quick_gelu and not _model_config_uses_quick_gelu(spec.model_name))
 
 
 def _default_cache_dirs(cache_dir: str | None) -> list[Path | None]:
@@ -113,7 +158,7 @@ def resolve_weights(spec: BackboneSpec) -> ResolvedWeights:
     as_path = Path(spec.weights).expanduser()
     looks_like_path = as_path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or os.sep in spec.weights
     if as_path.is_file():
-        return ResolvedWeights(path=as_path, label=str(as_path), quick_gelu=_quick_gelu_for(spec, None))
+        return _local_file(spec, as_path)
     if looks_like_path:
         raise WeightsNotFoundError(
             f"Backbone weight file {as_path} does not exist. Put the open_clip state dict for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,13 +30,7 @@ def _tiny_config(**kwargs: object) -> DetectorConfig:
 def genclip_checkpoint(tmp_path: Path, tiny_backbone: ClipBackbone) -> tuple[Path, GenCLIP]:
     torch.manual_seed(3)
     model = GenCLIP(tiny_backbone, (1, 2, 3, 4), 64)
-    metadata = {
-        "detector": "genclip",
-        **backbone_metadata(tiny_backbone),
-        "layers": [1, 2, 3, 4],
-        "image_size": 64,
-        "prompt_sizes": model.prompt_sizes(),
-    }
+    metadata = {**model.checkpoint_metadata(), **backbone_metadata(tiny_backbone)}
     path = tmp_path / "genclip_test.safetensors"
     save_checkpoint(path, model.prompt_state_dict(), metadata)
     return path, model
@@ -122,7 +117,7 @@ def test_wrong_prompt_shapes_are_refused(genclip_checkpoint: tuple[Path, GenCLIP
     path, _ = genclip_checkpoint
     sidecar = path.with_suffix(".json")
     data = json.loads(sidecar.read_text())
-    data["prompt_sizes"]["query_tokens"] = 3  # the tensors hold 8
+    data["detector_config"]["query_tokens"] = 3  # the tensors hold 8
     sidecar.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="wrong shapes"):
         build_detector(_tiny_config(checkpoint=path))
@@ -143,10 +138,7 @@ def test_ensemble_reports_each_detector(tmp_path: Path, tiny_backbone: ClipBackb
     torch.manual_seed(4)
     vip = VIP2CLIP(tiny_backbone, (1, 2, 3, 4), 64)
     vip_path = tmp_path / "vip.safetensors"
-    save_checkpoint(vip_path, vip.prompt_state_dict(), {
-        "detector": "vip2clip", **backbone_metadata(tiny_backbone), "layers": [1, 2, 3, 4],
-        "image_size": 64, "prompt_sizes": vip.prompt_sizes(),
-    })
+    save_checkpoint(vip_path, vip.prompt_state_dict(), {**vip.checkpoint_metadata(), **backbone_metadata(tiny_backbone)})
     torch.manual_seed(0)
     detector = build_detector(_tiny_config(detector="ensemble", checkpoint=genclip_checkpoint[0], vip2clip_checkpoint=vip_path))
     results = detector.inspect(random_images[:2], ["bottle", None])
@@ -154,3 +146,63 @@ def test_ensemble_reports_each_detector(tmp_path: Path, tiny_backbone: ClipBackb
         assert set(result.component_scores) == {"genclip", "vip2clip"}
         assert result.score == pytest.approx(np.mean(list(result.component_scores.values())), abs=1e-5)
     assert "+" in detector.identity.checkpoint
+
+
+# ---------------------------------------------------------------------- sidecar format 2: whole config, strict
+
+
+def _edit_sidecar(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    sidecar = path.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    edit(data)
+    sidecar.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["detector_config"].__setitem__("query_tokenz", 8), r"unknown keys \['query_tokenz'\]"),
+        (lambda d: d["detector_config"].pop("enhanced_weight"), r"missing keys \['enhanced_weight'\]"),
+        (lambda d: d["detector_config"].__setitem__("state_tokens", "4"), r"wrong types \[\"state_tokens='4'"),
+        (lambda d: d["detector_config"].__setitem__("enhanced_weight", 2.0), r"enhanced_weight must be in \[0, 1\]"),
+        (lambda d: d.__setitem__("profile", "vip2clip-official"), "sidecar says profile 'vip2clip-official'"),
+        (lambda d: d.pop("detector_config"), r"lacks fields \['detector_config'\]"),
+    ],
+)
+def test_sidecar_config_is_rebuilt_strictly(genclip_checkpoint: tuple[Path, GenCLIP], edit, message: str) -> None:
+    path, _ = genclip_checkpoint
+    _edit_sidecar(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        build_detector(_tiny_config(checkpoint=path))
+
+
+def test_format_1_sidecar_is_refused_with_the_fix(genclip_checkpoint: tuple[Path, GenCLIP]) -> None:
+    path, _ = genclip_checkpoint
+
+    def to_format_1(data: dict) -> None:
+        data["format_version"] = 1
+        data["prompt_sizes"] = {"state_tokens": 4, "query_tokens": 8, "vision_tokens": 1}
+        del data["detector_config"], data["profile"]
+
+    _edit_sidecar(path, to_format_1)
+    with pytest.raises(CheckpointError, match="format 1 .*Retrain it with `genclip train`"):
+        build_detector(_tiny_config(checkpoint=path))
+
+
+def test_checkpoint_holding_nan_is_refused(genclip_checkpoint: tuple[Path, GenCLIP]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path, _ = genclip_checkpoint
+    tensors = load_file(str(path))
+    tensors["query"][1, 2] = float("inf")
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"NaN or Inf in \['query'\]"):
+        build_detector(_tiny_config(checkpoint=path))
+
+
+def test_sidecar_records_the_whole_config_and_our_reading(genclip_checkpoint: tuple[Path, GenCLIP]) -> None:
+    path, model = genclip_checkpoint
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["format_version"] == 2 and sidecar["profile"] == "genclip"
+    assert sidecar["detector_config"] == dataclasses.asdict(model.config)
+    assert set(sidecar["our_reading"]) >= {"token_counts", "fusion", "image_score"}

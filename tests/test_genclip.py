@@ -1,4 +1,5 @@
-"""GenCLIP: trainable parameters, text caching and batching, CNF, inference shapes."""
+"""GenCLIP: trainable parameters, prompt slot layout, training on the vision-enhanced branch
+only, text caching and batching, CNF, inference shapes and the fusion weights."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_inspection_shapes(tiny_backbone: ClipBackbone, random_images: list[Imag
 def test_training_outputs_shapes(genclip: GenCLIP) -> None:
     genclip.train()
     outputs = genclip.forward_train(torch.randn(3, 3, 96, 96), ["a", "b", None])
-    assert len(outputs.layer_probabilities) == 8  # 4 vision-enhanced + 4 query-only maps
+    assert len(outputs.layer_probabilities) == 4  # one vision-enhanced map per tapped layer
     assert all(p.shape == (3, 2, 96, 96) for p in outputs.layer_probabilities)
     torch.testing.assert_close(outputs.layer_probabilities[0].sum(dim=1), torch.ones(3, 96, 96))
     assert outputs.image_logits.shape == (3, 2)
@@ -150,4 +151,80 @@ def test_config_controls_prompt_sizes(tiny_backbone: ClipBackbone) -> None:
     model = GenCLIP(tiny_backbone, (2, 4), 64, GenCLIPConfig(state_tokens=2, query_tokens=3, vision_tokens=2))
     assert model.query.shape == (3, tiny_backbone.text_width)
     assert model.vision_prompts[0].out_features == 2 * tiny_backbone.text_width
-    assert model.prompt_sizes() == {"state_tokens": 2, "query_tokens": 3, "vision_tokens": 2}
+    metadata = model.checkpoint_metadata()
+    assert metadata["detector_config"] == {
+        "state_tokens": 2, "query_tokens": 3, "vision_tokens": 2, "smoothing_sigma": 4.0, "cnf_margin": 0.0,
+        "enhanced_weight": 0.5, "global_score_weight": 0.5,
+    }
+    assert metadata["profile"] == "genclip"
+    assert {"token_counts", "fusion", "image_score"} <= set(metadata["our_reading"])
+
+
+# ---------------------------------------------------------------------- prompt slot layout
+
+
+def test_prompt_layout_replaces_the_right_slots(tiny_backbone: ClipBackbone) -> None:
+    config = GenCLIPConfig(state_tokens=2, query_tokens=3, vision_tokens=2)
+    torch.manual_seed(2)
+    model = GenCLIP(tiny_backbone, (1, 2, 3, 4), 64, config).eval()
+    features = tiny_backbone.encode_image(torch.randn(2, 3, 64, 64), model.layers)
+    sequences, eot = model.vision_enhanced_embeddings(features.layer_class_tokens, ["metal nut", "object"])
+    width = tiny_backbone.text_width
+    assert sequences.shape == (2, 4, 2, 77, width)
+    # [SOT] [N_p/A_p x 2] [Q_P x 3] [MVP_i x 2] <name> . EOT: slots 1-2, 3-5, 6-7, name from 8.
+    name_tokens = tiny_backbone.tokenize(["X X X X X X X metal nut.", "X X X X X X X object."])
+    frozen = tiny_backbone.embed_tokens(name_tokens)
+    assert eot.tolist() == tiny_backbone.end_of_text_positions(name_tokens).tolist() == [11, 10]
+    for image in range(2):
+        for layer in range(4):
+            mvp = model.vision_prompts[layer](features.layer_class_tokens[layer][image]).view(2, width)
+            for prompt, state in enumerate((model.normal_state, model.abnormal_state)):
+                row = sequences[image, layer, prompt]
+                assert torch.equal(row[0], frozen[image, 0])  # start of text
+                assert torch.equal(row[1:3], state)  # N_p / A_p
+                assert torch.equal(row[3:6], model.query)  # Q_P, shared
+                torch.testing.assert_close(row[6:8], mvp)  # MVP_i of this image and layer
+                assert torch.equal(row[8:], frozen[image, 8:])  # name, ".", EOT, padding
+    query_sequences, query_eot = model.query_only_embeddings()
+    object_tokens = tiny_backbone.tokenize(["X X X X X object."])
+    object_rows = tiny_backbone.embed_tokens(object_tokens)[0]
+    assert query_eot.tolist() == [8, 8]
+    for prompt, state in enumerate((model.normal_state, model.abnormal_state)):
+        row = query_sequences[prompt]  # [SOT] [N_p/A_p] [Q_P] object . EOT: no MVP slot
+        assert torch.equal(row[0], object_rows[0])
+        assert torch.equal(row[1:3], state)
+        assert torch.equal(row[3:6], model.query)
+        assert torch.equal(row[6:], object_rows[6:])
+
+
+# ---------------------------------------------------------------------- the two branches
+
+
+def test_training_uses_the_vision_enhanced_branch_only(genclip: GenCLIP) -> None:
+    genclip.train()
+    with mock.patch.object(genclip, "query_only_text", wraps=genclip.query_only_text) as query_only:
+        outputs = genclip.forward_train(torch.randn(2, 3, 64, 64), ["bottle", None])
+    assert query_only.call_count == 0  # F_Q takes no part in training
+    loss = sum(p[:, 1].mean() for p in outputs.layer_probabilities) + outputs.image_logits[:, 1].mean()
+    loss.backward()
+    for name in ("normal_state", "abnormal_state", "query"):  # the GQPs learn through the enhanced branch
+        assert getattr(genclip, name).grad.abs().sum() > 0, name
+
+
+def test_query_only_branch_joins_at_inference_with_its_weight(tiny_backbone: ClipBackbone) -> None:
+    torch.manual_seed(1)
+    reference = GenCLIP(tiny_backbone, (1, 2, 3, 4), 64).eval()
+    features = tiny_backbone.encode_image(torch.randn(2, 3, 64, 64), reference.layers)
+
+    def scores_with(**weights: float) -> torch.Tensor:
+        model = GenCLIP(tiny_backbone, (1, 2, 3, 4), 64, GenCLIPConfig(**weights)).eval()
+        model.load_state_dict(reference.state_dict())
+        return model.score_features(features, ["bottle", None])
+
+    fused = scores_with(enhanced_weight=0.5)
+    enhanced_only = scores_with(enhanced_weight=1.0)
+    query_only = scores_with(enhanced_weight=0.0)
+    torch.testing.assert_close(fused.maps, torch.clamp(0.5 * enhanced_only.maps + 0.5 * query_only.maps, 0, 1), atol=1e-6, rtol=0)
+    assert (fused.maps - enhanced_only.maps).abs().max() > 1e-4  # the query-only branch does count
+    peak_only = scores_with(global_score_weight=0.0)
+    torch.testing.assert_close(peak_only.scores, fused.maps.flatten(1).amax(dim=1), atol=1e-6, rtol=0)

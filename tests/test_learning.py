@@ -20,10 +20,18 @@ Setup (fixed seed 0, CPU, 96 px so the 8-px patches form a 12 x 12 grid):
 
 Measured held-out pixel AUROC, untrained -> trained (torch 2.14.1, open_clip 3.x):
 
-- genclip:  0.321 -> 0.887 (epoch loss 10.01 -> 8.85, 12 epochs, lr 1e-2)
-- vip2clip: 0.380 -> 0.896 (epoch loss 6.22 -> 4.84, 24 epochs, prompt lr 1e-2, FGP lr 3e-2)
+- genclip:  0.321 -> 0.884 (epoch loss 5.23 -> 4.67, 12 epochs, lr 1e-2; the loss covers the
+  vision-enhanced branch only, which is all GenCLIP trains)
+- vip2clip: 0.781 -> 0.889 (epoch loss 6.10 -> 4.98, 24 epochs, prompt lr 1e-2, FGP lr 3e-2)
 
-Robustness (the same test with seeds 1-9, i.e. other random backbones and prompt draws):
+Before GenCLIP stopped training its query-only branch and before ViP2-CLIP's class-slot bias
+moved after the slot MLPs (zero-initialised; the published placement), the same test gave
+0.321 -> 0.887 and 0.380 -> 0.896. The new ViP2-CLIP draw starts high (its random prompts
+already half point at the defects), so its lift, 0.108, is close to ``MIN_LIFT``; the run is
+deterministic, so it passes or fails the same way every time.
+
+Robustness, first sweep (before those two changes; the same test with seeds 1-9, i.e. other
+random backbones and prompt draws):
 trained 0.86-0.93 (genclip) and 0.83-0.93 (vip2clip), every run's loss fell; the
 untrained figure is the AUROC of a *random* prompt direction and scatters widely
 (0.11-0.88), so on one draw in ten (genclip, seed 2: 0.881 -> 0.892) the untrained
@@ -31,6 +39,13 @@ prompts happen to point at the defects and the lift vanishes (vip2clip: smallest
 +0.14). With the fixed seed the run is deterministic (same figures with 1 or 2 threads);
 a torch / open_clip upgrade that re-draws the random weights could land on such a draw,
 and then this test says so.
+
+Second sweep (after the changes; seeds 1-9 for the backbone *and* the data, 1 thread): trained
+genclip 0.68-0.94 (mean 0.81; the code before the change, same sweep: 0.72-0.97, mean 0.83),
+vip2clip 0.47-0.98 with two draws that do not learn the held-out texture (seed 1: 0.68 -> 0.61,
+seed 3: 0.41 -> 0.47; the code before the change fails the same two draws: 0.59 -> 0.47,
+0.74 -> 0.41). Varying the synthetic data is harsher than the first sweep; random backbones,
+so none of this is a quality figure.
 
 Why these choices (measured, not guessed):
 
@@ -48,9 +63,9 @@ ViP2-CLIP's FGP module *replaces* the text features (no residual) and its unscal
 attention starts almost uniform, so normal and abnormal text are nearly identical at
 initialisation; at the paper's FGP lr of 1e-5 (prompt lr 1e-3) a short run barely moves
 the loss (64 px, 4 epochs: 6.582 -> 6.572) and the training-set pixel AUROC does not rise
-(0.47 -> 0.46). ``train`` takes ViP2-CLIP's learning rates from ``parameter_groups()`` and
-ignores ``TrainingConfig.learning_rate``, so the test raises both group rates by patching
-that method (test-only, see ``_vip2clip_rates``).
+(0.47 -> 0.46). ``train`` gives ViP2-CLIP ``TrainingConfig.learning_rate`` for the prompts and
+a hundredth of it for FGP (the published ratio); this test wants FGP *faster* than the prompts,
+so it sets the FGP rate by patching ``parameter_groups`` (test-only, see ``_vip2clip_rates``).
 
 Durations: about 8 s (genclip) and 10 s (vip2clip) on 2 quiet cores; run single-threaded
 (see ``single_thread``) 11-16 s each even while other jobs load the cores.
@@ -89,7 +104,7 @@ SCHEDULES: dict[str, dict] = {
     "vip2clip": {"epochs": 24, "learning_rate": 1e-2, "prompt_lr": 1e-2, "fgp_lr": 3e-2},
 }
 # What this test measured (held-out pixel AUROC, untrained -> trained), for the record.
-MEASURED = {"genclip": (0.321, 0.887), "vip2clip": (0.380, 0.896)}
+MEASURED = {"genclip": (0.321, 0.884), "vip2clip": (0.781, 0.889)}
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +136,11 @@ def single_thread():
 
 
 def _vip2clip_rates(monkeypatch: pytest.MonkeyPatch, prompt_lr: float, fgp_lr: float) -> None:
-    """Make ``train`` use these ViP2-CLIP group rates (it calls ``parameter_groups()`` bare)."""
+    """Make ``train`` use these ViP2-CLIP group rates (it calls ``parameter_groups(lr)``)."""
     from model.vip2clip import VIP2CLIP
 
     original = VIP2CLIP.parameter_groups
-    monkeypatch.setattr(
-        VIP2CLIP, "parameter_groups", lambda self, *args, **kwargs: original(self, prompt_lr=prompt_lr, fgp_lr=fgp_lr)
-    )
+    monkeypatch.setattr(VIP2CLIP, "parameter_groups", lambda self, lr: original(self, prompt_lr, fgp_lr=fgp_lr))
 
 
 def _pixel_auroc(detector: ScorerDetector, samples: list) -> float:

@@ -76,10 +76,25 @@ def test_only_prompt_learner_and_fgp_require_grad(backbone: ClipBackbone) -> Non
     expected = {f"prompt_learner.{name}" for name, _ in scorer.prompt_learner.named_parameters()}
     expected |= {f"fgp.{name}" for name, _ in scorer.fgp.named_parameters()}
     assert trainable == expected == set(scorer.prompt_state_dict())
-    groups = scorer.parameter_groups()
-    assert [group["lr"] for group in groups] == [1e-3, 1e-5]
+    groups = scorer.parameter_groups(1e-3)
+    assert [group["lr"] for group in groups] == [1e-3, 1e-5]  # FGP at lr / 100, as the published code
+    assert [group["lr"] for group in scorer.parameter_groups(2e-2)] == [2e-2, 2e-4]  # --lr reaches both
     assert sum(len(group["params"]) for group in groups) == len(trainable)
-    assert scorer.prompt_sizes() == {"context_tokens": 7, "class_slots": 3, "fgp_heads": 8}
+    assert scorer.checkpoint_metadata()["detector_config"] == {
+        "context_tokens": 7, "class_slots": 3, "fgp_heads": 8, "top_k": 50, "smoothing_sigma": 8.0,
+        "global_embedding": "ln_post", "prompt_rows": "tokenized", "full_stop": True, "smoothing_border": "mirror",
+    }
+    assert scorer.profile == "vip2clip"
+
+
+def test_training_optimizer_takes_the_groups_for_the_learning_rate(backbone: ClipBackbone) -> None:
+    from model.baseline import PromptEnsembleScorer
+    from model.training import build_optimizer
+
+    optimizer = build_optimizer(make_scorer(backbone), 2e-2)
+    assert [group["lr"] for group in optimizer.param_groups] == [2e-2, 2e-4]  # --lr reaches ViP2-CLIP
+    with pytest.raises(TypeError, match="not a TrainableScorer"):
+        build_optimizer(PromptEnsembleScorer(backbone, LAYERS, 64), 1e-3)  # type: ignore[arg-type]
 
 
 def test_fgp_heads_must_divide_embed_dim(backbone: ClipBackbone) -> None:
@@ -95,12 +110,15 @@ def test_prompt_layout_replaces_the_right_slots(backbone: ClipBackbone) -> None:
     learner = scorer.prompt_learner
     assert learner.templates == ("X X X X X X X good X X X.", "X X X X X X X damaged X X X.")
     global_embedding = torch.nn.functional.normalize(torch.randn(2, backbone.embed_dim), dim=-1)
-    sequences = learner.prompt_embeddings(backbone, global_embedding)  # (B, 2, L, W)
+    sequences = learner.prompt_embeddings(global_embedding)  # (B, 2, L, W)
     tokens = backbone.tokenize(list(learner.templates))
     frozen = backbone.embed_tokens(tokens)
     eot = int(backbone.end_of_text_positions(tokens)[0])
     assert sequences.shape == (2, 2, eot + 1, backbone.text_width)
     slots = learner.class_slot_vectors(global_embedding)
+    # K_j = cls_ctx_j + MLP_j(global) + bias (the bias is added after the MLP, as published)
+    for j, mlp in enumerate(learner.slot_mlps):
+        torch.testing.assert_close(slots[:, j], learner.class_slots[j] + mlp(global_embedding) + learner.slot_bias)
     for prompt, context in enumerate((learner.normal_context, learner.abnormal_context)):
         for image in range(2):
             row = sequences[image, prompt]
@@ -244,7 +262,7 @@ def test_gradients_reach_prompts_and_fgp_only(backbone: ClipBackbone) -> None:
 def test_adam_steps_lower_the_loss(backbone: ClipBackbone) -> None:
     scorer = make_scorer(backbone).train()
     pixels, mask, labels = defect_batch()
-    optimizer = torch.optim.Adam(scorer.parameter_groups())
+    optimizer = torch.optim.Adam(scorer.parameter_groups(1e-3))
     losses = []
     for _ in range(8):
         loss = _loss(scorer.forward_train(pixels, [None, None]), mask, labels)
@@ -282,13 +300,7 @@ def test_checkpoint_round_trip_gives_identical_scores(tmp_path) -> None:
     backbone = load_backbone(TINY)
     config = VIP2CLIPConfig(context_tokens=4, class_slots=2, fgp_heads=4)
     scorer = make_scorer(backbone, config=config, seed=5)
-    metadata = {
-        "detector": "vip2clip",
-        **backbone_metadata(backbone),
-        "layers": list(LAYERS),
-        "image_size": 64,
-        "prompt_sizes": scorer.prompt_sizes(),
-    }
+    metadata = {**scorer.checkpoint_metadata(), **backbone_metadata(backbone)}
     path = tmp_path / "vip2clip.safetensors"
     digest = save_checkpoint(path, scorer.prompt_state_dict(), metadata)
 
@@ -296,7 +308,7 @@ def test_checkpoint_round_trip_gives_identical_scores(tmp_path) -> None:
     detector = build_detector(DetectorConfig(detector="vip2clip", backbone=TINY, vip2clip_checkpoint=path, device="cpu"))
     loaded = detector.scorer
     assert isinstance(loaded, VIP2CLIP)
-    assert loaded.prompt_sizes() == config_sizes(config)
+    assert loaded.config == config and loaded.profile == "vip2clip"
     for name, tensor in backbone.state_dict().items():
         assert torch.equal(tensor, loaded.backbone.state_dict()[name]), name
     assert detector.identity.checkpoint == digest
@@ -310,6 +322,3 @@ def test_checkpoint_round_trip_gives_identical_scores(tmp_path) -> None:
         np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=1e-6)
         assert got.class_label == "object"
 
-
-def config_sizes(config: VIP2CLIPConfig) -> dict[str, int]:
-    return {"context_tokens": config.context_tokens, "class_slots": config.class_slots, "fgp_heads": config.fgp_heads}

@@ -74,6 +74,10 @@ class PromptEnsembleScorer(AnomalyScorer):
         self.sigma = sigma
         self._text_cache: dict[str, torch.Tensor] = {}
 
+    @property
+    def smoothing_sigma(self) -> float:
+        return self.sigma
+
     @torch.no_grad()
     def text_features(self, name: str) -> torch.Tensor:
         """(2, D) unit-norm mean features of the normal and abnormal sentence sets."""

@@ -11,14 +11,20 @@ The vision-enhanced text is per image and per layer, so it is encoded in one bat
 of B x layers x 2 sequences cut to the longest real prompt; the query-only text is the same
 for every image and is cached outside training.
 
-Inference fuses both branches by the mean (maps and global probabilities). Image score rule:
-``0.5 * p_abnormal(global embedding) + 0.5 * max(smoothed map)``.
+Training uses the vision-enhanced branch only (the paper's framework figure: "During
+training, all modules except for CNF and F_Q are used"); the query-only branch, built from the
+same learned ``N_p``/``A_p``/``Q_P``, joins at inference. Inference fuses the branches with
+weight ``enhanced_weight`` (maps and global logits); image score
+``global_score_weight * p_abnormal(global embedding) + (1 - global_score_weight) * max(map)``.
+Both weights and the token counts are our reading (``GenCLIP.our_reading``, written into every
+checkpoint sidecar): the paper does not give them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +33,7 @@ from model.anomaly_maps import (
     TEMPERATURE,
     anomaly_from_probabilities,
     finalize_maps,
-    global_and_peak_score,
+    max_map_score,
     patch_probabilities_to_grid,
     two_way_probabilities,
     upsample,
@@ -36,12 +42,12 @@ from model.backbone import ClipBackbone, VisualFeatures
 from model.detector import OBJECT_LABEL
 from model.genclip.class_name_filter import ClassNameFilter
 from model.prompt_text import normalise_class_name, placeholder_prompt
-from model.scoring import AnomalyScorer, BatchScores
+from model.scoring import BatchScores, TrainableScorer, TrainingOutputs
 
 
 @dataclass(frozen=True)
 class GenCLIPConfig:
-    """Prompt sizes and inference options.
+    """GenCLIP's whole configuration (stored in checkpoint sidecars).
 
     Attributes:
         state_tokens: learnable tokens per state prompt (``N_p`` and ``A_p`` each).
@@ -49,6 +55,10 @@ class GenCLIPConfig:
         vision_tokens: MVP tokens inserted per layer.
         smoothing_sigma: Gaussian sigma at 518 px (scaled with the input size).
         cnf_margin: cosine margin the class name must win by over generic prompts.
+        enhanced_weight: weight of the vision-enhanced branch in the inference fusion (maps
+            and global logits); the query-only branch gets ``1 - enhanced_weight``.
+        global_score_weight: weight of the global-embedding probability in the image score;
+            the map's peak gets ``1 - global_score_weight``.
     """
 
     state_tokens: int = 4
@@ -56,29 +66,34 @@ class GenCLIPConfig:
     vision_tokens: int = 1
     smoothing_sigma: float = 4.0
     cnf_margin: float = 0.0
+    enhanced_weight: float = 0.5
+    global_score_weight: float = 0.5
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
-@dataclass
-class TrainingOutputs:
-    """What the losses need.
-
-    Attributes:
-        layer_probabilities: per map (vision-enhanced layers, then query-only layers),
-            (B, 2, S, S) [normal, abnormal] probabilities upsampled to the input size.
-        image_logits: (B, 2) global-embedding logits (cosine / 0.07), branch mean.
-    """
-
-    layer_probabilities: list[torch.Tensor]
-    image_logits: torch.Tensor
+    def __post_init__(self) -> None:
+        if self.state_tokens < 1 or self.query_tokens < 0 or self.vision_tokens < 1:
+            raise ValueError(
+                f"need state_tokens >= 1, query_tokens >= 0, vision_tokens >= 1, got "
+                f"{self.state_tokens}, {self.query_tokens}, {self.vision_tokens}"
+            )
+        for name in ("enhanced_weight", "global_score_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-class GenCLIP(AnomalyScorer):
+class GenCLIP(TrainableScorer):
     """GenCLIP prompts on a frozen backbone; only prompt tensors and MVP projections learn."""
 
     name = "genclip"
+    config_class = GenCLIPConfig
+    our_reading = {
+        "token_counts": "state_tokens, query_tokens, vision_tokens: the paper gives no counts; ours are chosen",
+        "vision_prompts": "MVP_i = one Linear from block i's class token (after ln_post) to vision_tokens x text width",
+        "fusion": "maps and global logits: enhanced_weight x vision-enhanced + (1 - enhanced_weight) x query-only",
+        "image_score": "global_score_weight x p_abnormal(global) + (1 - global_score_weight) x max(smoothed map)",
+        "class_name_filter": "name kept when 'a photo of a {name}.' beats generic prompts by cnf_margin and is word-like",
+        "smoothing": "Gaussian sigma smoothing_sigma at 518 px (the paper does not state it)",
+        "training": "vision-enhanced branch only (framework figure); loss focal + Dice per layer + image CE",
+    }
 
     def __init__(
         self,
@@ -87,8 +102,7 @@ class GenCLIP(AnomalyScorer):
         image_size: int,
         config: GenCLIPConfig = GenCLIPConfig(),
     ) -> None:
-        super().__init__(backbone, layers, image_size)
-        self.config = config
+        super().__init__(backbone, layers, image_size, config)
         width = backbone.text_width
         self.normal_state = nn.Parameter(torch.randn(config.state_tokens, width) * 0.02)
         self.abnormal_state = nn.Parameter(torch.randn(config.state_tokens, width) * 0.02)
@@ -100,13 +114,14 @@ class GenCLIP(AnomalyScorer):
         self._query_only_cache: torch.Tensor | None = None
         self._token_cache: dict[str, torch.Tensor] = {}
 
+    @property
+    def smoothing_sigma(self) -> float:
+        return self.config.smoothing_sigma
+
     # ------------------------------------------------------------------ bookkeeping
-    def prompt_sizes(self) -> dict[str, int]:
-        return {
-            "state_tokens": self.config.state_tokens,
-            "query_tokens": self.config.query_tokens,
-            "vision_tokens": self.config.vision_tokens,
-        }
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """One Adam group: every prompt tensor and MVP projection at ``lr``."""
+        return [{"params": self.prompt_parameters(), "lr": lr}]
 
     def train(self, mode: bool = True) -> GenCLIP:
         self._query_only_cache = None  # prompts are about to change (or just did)
@@ -136,29 +151,40 @@ class GenCLIP(AnomalyScorer):
         query = self.query.unsqueeze(0).expand(2, -1, -1)
         return torch.cat([torch.stack([self.normal_state, self.abnormal_state]), query], dim=1)
 
-    def query_only_text(self) -> torch.Tensor:
-        """(2, D) text features of ``[N_p/A_p] [Q_P] object.``; cached outside training."""
-        if self._query_only_cache is not None and not self.training:
-            return self._query_only_cache
+    def query_only_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings of ``[N_p/A_p] [Q_P] object.``
+
+        Returns:
+            ``(sequences, eot)``: (2, context, W) [normal, abnormal] embeddings and (2,)
+            end-of-text positions.
+        """
         tokens = self._tokens(placeholder_prompt(self._prompt_slots, OBJECT_LABEL)).unsqueeze(0)
         embedded = self.backbone.embed_tokens(tokens).expand(2, -1, -1)
         slots = self._state_slots().to(embedded.dtype)
         sequences = torch.cat([embedded[:, :1], slots, embedded[:, 1 + self._prompt_slots :]], dim=1)
-        eot = self.backbone.end_of_text_positions(tokens).expand(2)
-        features = self.backbone.encode_text_embeddings(sequences, eot)
+        return sequences, self.backbone.end_of_text_positions(tokens).expand(2)
+
+    def query_only_text(self) -> torch.Tensor:
+        """(2, D) text features of ``[N_p/A_p] [Q_P] object.``; cached outside training."""
+        if self._query_only_cache is not None and not self.training:
+            return self._query_only_cache
+        features = self.backbone.encode_text_embeddings(*self.query_only_embeddings())
         if not self.training:
             self._query_only_cache = features.detach()
         return features
 
-    def vision_enhanced_text(self, layer_class_tokens: list[torch.Tensor], prompt_names: Sequence[str]) -> torch.Tensor:
-        """Per-image, per-layer text features in one batched pass.
+    def vision_enhanced_embeddings(
+        self, layer_class_tokens: list[torch.Tensor], prompt_names: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings of ``[N_p/A_p] [Q_P] [MVP_i] <name>.`` per image and layer.
 
         Args:
             layer_class_tokens: per layer, (B, vision_width) class tokens.
             prompt_names: B names (already filtered) to write in the prompts.
 
         Returns:
-            (B, layers, 2, D) unit-norm text features.
+            ``(sequences, eot)``: (B, layers, 2, context, W) embeddings and (B,) end-of-text
+            positions.
         """
         cfg = self.config
         batch, num_layers = len(prompt_names), len(layer_class_tokens)
@@ -174,43 +200,72 @@ class GenCLIP(AnomalyScorer):
         start = embedded[:, None, None, :1].expand(-1, num_layers, 2, -1, -1)
         rest = embedded[:, None, None, 1 + slots :].expand(-1, num_layers, 2, -1, -1)
         sequences = torch.cat([start, state.to(embedded.dtype), vision.to(embedded.dtype), rest], dim=3)
-        eot = self.backbone.end_of_text_positions(tokens).view(batch, 1, 1).expand(-1, num_layers, 2)
+        return sequences, self.backbone.end_of_text_positions(tokens)
+
+    def vision_enhanced_text(self, layer_class_tokens: list[torch.Tensor], prompt_names: Sequence[str]) -> torch.Tensor:
+        """Per-image, per-layer text features in one batched pass.
+
+        Args:
+            layer_class_tokens: per layer, (B, vision_width) class tokens.
+            prompt_names: B names (already filtered) to write in the prompts.
+
+        Returns:
+            (B, layers, 2, D) unit-norm text features.
+        """
+        sequences, eot = self.vision_enhanced_embeddings(layer_class_tokens, prompt_names)
+        batch, num_layers = sequences.shape[:2]
+        eot = eot.view(batch, 1, 1).expand(-1, num_layers, 2)
         features = self.backbone.encode_text_embeddings(sequences.reshape(-1, *sequences.shape[3:]), eot.reshape(-1))
         return features.view(batch, num_layers, 2, -1)
 
     # ------------------------------------------------------------------ maps
-    def _branch_probabilities(
+    def _enhanced_branch(
         self, features: VisualFeatures, prompt_names: Sequence[str]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-map patch probabilities (B, 2, gh, gw) and branch-mean image logits (B, 2)."""
+        """Vision-enhanced branch: per-layer (B, 2, gh, gw) probabilities, (B, 2) global cosines."""
         enhanced = self.vision_enhanced_text(features.layer_class_tokens, prompt_names)  # (B, Ly, 2, D)
-        query_only = self.query_only_text()  # (2, D)
         layer_maps = [
             patch_probabilities_to_grid(two_way_probabilities(tokens, enhanced[:, index]), features.grid)
             for index, tokens in enumerate(features.patch_tokens)
-        ] + [
+        ]
+        enhanced_global = nn.functional.normalize(enhanced.mean(dim=1), dim=-1)  # (B, 2, D)
+        cosines = (features.global_embedding.unsqueeze(1) @ enhanced_global.transpose(1, 2)).squeeze(1)
+        return layer_maps, cosines
+
+    def _query_only_branch(self, features: VisualFeatures) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Query-only branch: per-layer (B, 2, gh, gw) probabilities, (B, 2) global cosines."""
+        query_only = self.query_only_text()  # (2, D)
+        layer_maps = [
             patch_probabilities_to_grid(two_way_probabilities(tokens, query_only), features.grid)
             for tokens in features.patch_tokens
         ]
-        enhanced_global = nn.functional.normalize(enhanced.mean(dim=1), dim=-1)  # (B, 2, D)
-        image = features.global_embedding.unsqueeze(1)
-        enhanced_logits = (image @ enhanced_global.transpose(1, 2)).squeeze(1)
-        query_logits = features.global_embedding @ query_only.t()
-        image_logits = (enhanced_logits + query_logits) / (2.0 * TEMPERATURE)
-        return layer_maps, image_logits
+        return layer_maps, features.global_embedding @ query_only.t()
 
     def forward_train(self, pixels: torch.Tensor, class_names: Sequence[str | None]) -> TrainingOutputs:
-        """Training pass: the submitted names go into the prompts unfiltered (CNF is inference-only)."""
+        """Training pass on the vision-enhanced branch only (CNF and the query-only branch are
+        inference-only): the submitted names go into the prompts unfiltered.
+
+        Returns:
+            per tapped layer (B, 2, S, S) probabilities, and (B, 2) global logits (cosine / 0.07).
+        """
         features = self.backbone.encode_image(pixels, self.layers)
         names = [normalise_class_name(name) for name in class_names]
-        layer_maps, image_logits = self._branch_probabilities(features, names)
+        layer_maps, cosines = self._enhanced_branch(features, names)
         size = (pixels.shape[-2], pixels.shape[-1])
-        return TrainingOutputs([upsample(probabilities, size) for probabilities in layer_maps], image_logits)
+        return TrainingOutputs([upsample(probabilities, size) for probabilities in layer_maps], cosines / TEMPERATURE)
 
     def score_features(self, features: VisualFeatures, class_names: Sequence[str | None]) -> BatchScores:
         prompt_names = self.class_filter.filter(features.global_embedding, class_names)
-        layer_maps, image_logits = self._branch_probabilities(features, prompt_names)
-        coarse = torch.stack([anomaly_from_probabilities(p) for p in layer_maps]).mean(dim=0)  # (B, gh, gw)
+        enhanced_maps, enhanced_cosines = self._enhanced_branch(features, prompt_names)
+        query_maps, query_cosines = self._query_only_branch(features)
+        weight = self.config.enhanced_weight
+
+        def branch_anomaly(layer_maps: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([anomaly_from_probabilities(p) for p in layer_maps]).mean(dim=0)  # (B, gh, gw)
+
+        coarse = weight * branch_anomaly(enhanced_maps) + (1.0 - weight) * branch_anomaly(query_maps)
         maps = finalize_maps(coarse, self.image_size, self.config.smoothing_sigma)
-        scores = global_and_peak_score(image_logits.softmax(dim=-1)[:, 1], maps)
+        logits = (weight * enhanced_cosines + (1.0 - weight) * query_cosines) / TEMPERATURE
+        share = self.config.global_score_weight
+        scores = (share * logits.softmax(dim=-1)[:, 1] + (1.0 - share) * max_map_score(maps)).clamp(0.0, 1.0)
         return BatchScores(maps=maps, scores=scores, class_labels=list(prompt_names))

@@ -11,6 +11,17 @@ against that layer's patch tokens. With the refined text of each layer:
   concatenated over layers and averaged, / 0.07, softmax, p_abnormal
   (:func:`topk_image_logits`). The global embedding enters only through the prompts.
 
+Two profiles (:data:`PROFILES`), chosen by four config fields and recorded in sidecars:
+
+- ``vip2clip``, the project's clean reading: the standard CLIP global embedding (``ln_post``
+  then the projection), freshly tokenized ``good`` / ``damaged`` templates with a full stop,
+  mirror borders when smoothing;
+- ``vip2clip-official``, the published inference exactly (what the authors' checkpoints were
+  trained and measured with; ``../shared/reference/vip2clip-official-checkpoint.md``): the
+  final class token projected *without* ``ln_post``, the frozen token rows stored in the
+  checkpoint used as they are (the normal prompt's middle row is "damaged"), no full stop,
+  scipy's half-sample-symmetric borders. ``genclip import-checkpoint`` writes it.
+
 The detector uses no class name: its class label is always ``object``. All layers go through
 FGP, the similarities and the top-k selection as one stacked batch (no loop over images).
 """
@@ -18,12 +29,14 @@ FGP, the similarities and the top-k selection as one stacked batch (no loop over
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from model.anomaly_maps import (
+    SMOOTHING_BORDERS,
     TEMPERATURE,
     anomaly_from_probabilities,
     finalize_maps,
@@ -32,18 +45,28 @@ from model.anomaly_maps import (
 )
 from model.backbone import ClipBackbone, VisualFeatures
 from model.detector import OBJECT_LABEL
-from model.genclip.torch_model import TrainingOutputs
-from model.scoring import AnomalyScorer, BatchScores
+from model.scoring import BatchScores, TrainableScorer, TrainingOutputs
 from model.vip2clip.fgp import FGP
 from model.vip2clip.prompt_learner import ViPPrompt
 
-PROMPT_LR = 1e-3
-FGP_LR = 1e-5
+FGP_LR_RATIO = 0.01  # the published code trains FGP at 1e-5 with the prompts at 1e-3
+GLOBAL_EMBEDDINGS = ("ln_post", "no_ln_post")
+PROMPT_ROWS = ("tokenized", "stored")
+PROFILES: dict[str, dict[str, Any]] = {
+    "vip2clip": {"global_embedding": "ln_post", "prompt_rows": "tokenized", "full_stop": True, "smoothing_border": "mirror"},
+    "vip2clip-official": {
+        "global_embedding": "no_ln_post",
+        "prompt_rows": "stored",
+        "full_stop": False,
+        "smoothing_border": "symmetric",
+    },
+}
+CUSTOM_PROFILE = "custom"
 
 
 @dataclass(frozen=True)
 class VIP2CLIPConfig:
-    """Prompt sizes and inference options.
+    """ViP2-CLIP's whole configuration (stored in checkpoint sidecars).
 
     Attributes:
         context_tokens: learnable context vectors per prompt (normal and abnormal each).
@@ -51,6 +74,14 @@ class VIP2CLIPConfig:
         fgp_heads: attention heads of FGP (must divide the backbone's embed_dim).
         top_k: patches per layer that make the image score (capped at the patch count).
         smoothing_sigma: Gaussian sigma of the map at 518 px (scaled with the input size).
+        global_embedding: what conditions the class slots: ``ln_post`` (standard CLIP: the
+            final class token through ``ln_post`` and the projection) or ``no_ln_post`` (the
+            published code: projection without ``ln_post``); L2-normalised either way.
+        prompt_rows: the prompts' frozen token rows: ``tokenized`` (from the templates) or
+            ``stored`` (checkpoint tensors, used as they are).
+        full_stop: whether the templates end with ``.`` (published: no).
+        smoothing_border: ``mirror`` or ``symmetric`` (published: scipy's default); see
+            :func:`model.anomaly_maps.gaussian_smooth`.
     """
 
     context_tokens: int = 7
@@ -58,9 +89,37 @@ class VIP2CLIPConfig:
     fgp_heads: int = 8
     top_k: int = 50
     smoothing_sigma: float = 8.0
+    global_embedding: str = "ln_post"
+    prompt_rows: str = "tokenized"
+    full_stop: bool = True
+    smoothing_border: str = "mirror"
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        choices = {
+            "global_embedding": GLOBAL_EMBEDDINGS,
+            "prompt_rows": PROMPT_ROWS,
+            "smoothing_border": SMOOTHING_BORDERS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+
+    @classmethod
+    def for_profile(cls, profile: str, **fields: Any) -> VIP2CLIPConfig:
+        """The config of a named profile (``vip2clip``, ``vip2clip-official``), sizes from ``fields``."""
+        if profile not in PROFILES:
+            raise ValueError(f"unknown ViP2-CLIP profile {profile!r}; choose one of {tuple(PROFILES)}")
+        return cls(**{**fields, **PROFILES[profile]})
+
+    @property
+    def profile(self) -> str:
+        """The profile whose behaviours this config follows, or ``custom``."""
+        for name, behaviours in PROFILES.items():
+            if all(getattr(self, field) == value for field, value in behaviours.items()):
+                return name
+        return CUSTOM_PROFILE
 
 
 def _topk_logits_from_cosines(cosines: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,10 +168,15 @@ def topk_image_logits(
     return _topk_logits_from_cosines(layer_cosines(patch_tokens, text_per_layer), k)
 
 
-class VIP2CLIP(AnomalyScorer):
+class VIP2CLIP(TrainableScorer):
     """ViP-Prompt + FGP on a frozen backbone; only those two modules learn."""
 
     name = "vip2clip"
+    config_class = VIP2CLIPConfig
+    our_reading = {
+        "profile vip2clip": "ln_post on the global embedding, fresh templates with a full stop, mirror borders "
+        "(the published code does otherwise: profile vip2clip-official)",
+    }
 
     def __init__(
         self,
@@ -121,32 +185,52 @@ class VIP2CLIP(AnomalyScorer):
         image_size: int,
         config: VIP2CLIPConfig = VIP2CLIPConfig(),
     ) -> None:
-        super().__init__(backbone, layers, image_size)
-        self.config = config
+        super().__init__(backbone, layers, image_size, config)
         embed_dim = backbone.embed_dim
         if embed_dim % config.fgp_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by fgp_heads {config.fgp_heads}")
-        self.prompt_learner = ViPPrompt(backbone, config.context_tokens, config.class_slots)
+        self.prompt_learner = ViPPrompt(
+            backbone,
+            config.context_tokens,
+            config.class_slots,
+            full_stop=config.full_stop,
+            stored_rows=config.prompt_rows == "stored",
+        )
         self.fgp = FGP(embed_dim, embed_dim, embed_dim, config.fgp_heads)
         self.prompt_learner.to(backbone.device)
         self.fgp.to(backbone.device)
 
-    # ------------------------------------------------------------------ bookkeeping
-    def prompt_sizes(self) -> dict[str, int]:
-        return {
-            "context_tokens": self.config.context_tokens,
-            "class_slots": self.config.class_slots,
-            "fgp_heads": self.config.fgp_heads,
-        }
+    @property
+    def smoothing_sigma(self) -> float:
+        return self.config.smoothing_sigma
 
-    def parameter_groups(self, prompt_lr: float = PROMPT_LR, fgp_lr: float = FGP_LR) -> list[dict]:
-        """Adam parameter groups: ViP-Prompt at ``prompt_lr`` (1e-3), FGP at ``fgp_lr`` (1e-5)."""
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def profile(self) -> str:
+        return self.config.profile
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        metadata = super().checkpoint_metadata()
+        if self.profile != "vip2clip":
+            metadata["our_reading"] = {}  # the official profile is the published behaviour
+        return metadata
+
+    def parameter_groups(self, lr: float, fgp_lr: float | None = None) -> list[dict[str, Any]]:
+        """Adam groups: ViP-Prompt at ``lr``, FGP at ``fgp_lr`` (default ``lr / 100``: the
+        published 1e-3 / 1e-5)."""
         return [
-            {"params": [p for p in self.prompt_learner.parameters() if p.requires_grad], "lr": prompt_lr},
-            {"params": [p for p in self.fgp.parameters() if p.requires_grad], "lr": fgp_lr},
+            {"params": [p for p in self.prompt_learner.parameters() if p.requires_grad], "lr": lr},
+            {"params": [p for p in self.fgp.parameters() if p.requires_grad], "lr": lr * FGP_LR_RATIO if fgp_lr is None else fgp_lr},
         ]
 
     # ------------------------------------------------------------------ maths
+    def global_embedding(self, features: VisualFeatures) -> torch.Tensor:
+        """(B, D) unit-norm embedding that conditions the class slots (``config.global_embedding``)."""
+        if self.config.global_embedding == "ln_post":
+            return features.global_embedding
+        projection = self.backbone.clip.visual.proj
+        return F.normalize(features.final_class_token.to(projection.dtype) @ projection, dim=-1)
+
     def text_features(self, global_embedding: torch.Tensor) -> torch.Tensor:
         """(B, D) global embeddings -> (B, 2, D) unit-norm ViP-Prompt text features (before FGP)."""
         return self.prompt_learner(self.backbone, global_embedding)
@@ -172,7 +256,7 @@ class VIP2CLIP(AnomalyScorer):
 
     def _layer_outputs(self, features: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, B, 2, gh, gw) patch probabilities and (B, 2) top-k image logits."""
-        text = self.text_features(features.global_embedding)
+        text = self.text_features(self.global_embedding(features))
         patches = torch.stack(features.patch_tokens)  # (L, B, N, D), stacked once
         refined = self._refine_stacked(patches, text)  # (L, B, 2, D)
         cosines = patches @ refined.transpose(-1, -2)  # (L, B, N, 2)
@@ -203,6 +287,6 @@ class VIP2CLIP(AnomalyScorer):
         grid, image_logits = self._layer_outputs(features)
         # Mean over layers commutes with the (linear) bilinear upsample: upsample once.
         coarse = anomaly_from_probabilities(grid.flatten(0, 1)).view(grid.shape[0], batch, *features.grid).mean(dim=0)
-        maps = finalize_maps(coarse.float(), self.image_size, self.config.smoothing_sigma)
+        maps = finalize_maps(coarse.float(), self.image_size, self.config.smoothing_sigma, self.config.smoothing_border)
         scores = image_logits.float().softmax(dim=-1)[:, 1].clamp(0.0, 1.0)
         return BatchScores(maps=maps, scores=scores, class_labels=[OBJECT_LABEL] * batch)
