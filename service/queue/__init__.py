@@ -2,8 +2,10 @@
 
 from service.queue.base import (
     Job,
+    JobLost,
     JobQueue,
     JobResult,
+    MalformedResult,
     NoWorkerAvailable,
     PendingJob,
     QueueError,
@@ -15,8 +17,10 @@ from service.queue.base import (
 
 __all__ = [
     "Job",
+    "JobLost",
     "JobQueue",
     "JobResult",
+    "MalformedResult",
     "NoWorkerAvailable",
     "PendingJob",
     "QueueError",

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.queue.progress import ProgressMeter, QueueLoad, WorkerLoad
+
 
 class QueueError(RuntimeError):
     """The queue cannot take the job now (maps to 503)."""
@@ -42,17 +44,67 @@ class QueueUnavailable(QueueError):
     reason = "queue_unavailable"
 
 
+class JobLost(QueueError):
+    """The queue lost an admitted job (e.g. Redis restarted without persistence)."""
+
+    reason = "job_lost"
+
+
+class MalformedResult(RuntimeError):
+    """A worker's result could not be decoded or does not fit its job (maps to 502)."""
+
+
+# Job kinds: inspect one image, or (re)build a product's few-shot reference and calibrate it.
+JOB_INSPECT = "inspect"
+JOB_REFERENCE = "reference"
+JOB_KINDS = (JOB_INSPECT, JOB_REFERENCE)
+
 # Result error codes (JobResult.error) and the HTTP status the API answers for them.
 ERROR_EXPIRED = "deadline_exceeded"
 ERROR_INFERENCE = "inference_failed"
 ERROR_DEAD_LETTER = "dead_lettered"
 ERROR_BAD_JOB = "bad_job"
+ERROR_REFERENCE_MISMATCH = "reference_mismatch"
+ERROR_PRODUCT_GONE = "product_not_found"
+ERROR_CALIBRATION = "calibration_failed"
 ERROR_STATUS = {
     ERROR_EXPIRED: 504,
     ERROR_INFERENCE: 500,
     ERROR_DEAD_LETTER: 500,
     ERROR_BAD_JOB: 500,
+    ERROR_REFERENCE_MISMATCH: 409,
+    ERROR_PRODUCT_GONE: 404,
+    ERROR_CALIBRATION: 500,
 }
+
+
+@dataclass(frozen=True)
+class ProductRef:
+    """The product a job is for, as the API saw it when admitting the job.
+
+    Attributes:
+        id: database id of the product.
+        name: product name (logs, errors).
+        reference_version: version of the few-shot reference to use (inspect jobs; 0 = none,
+            zero-shot only); a worker uses this version or a newer one, never an older one.
+        fusion_weight: weight of the few-shot branch in the fused map and score.
+        images_version: the good-photo set the job must cover (reference jobs).
+    """
+
+    id: int
+    name: str
+    reference_version: int = 0
+    fusion_weight: float = 0.5
+    images_version: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "reference_version": self.reference_version,
+                "fusion_weight": self.fusion_weight, "images_version": self.images_version}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProductRef:
+        return cls(id=int(data["id"]), name=str(data["name"]), reference_version=int(data.get("reference_version", 0)),
+                   fusion_weight=float(data.get("fusion_weight", 0.5)), images_version=int(data.get("images_version", 0)))
 
 
 @dataclass
@@ -61,13 +113,17 @@ class Job:
 
     Attributes:
         id: unique job id (hex), also the response ``id``.
-        class_name: the product name as submitted, or ``None``.
+        class_name: the class name written in the prompts (the submitted one, or the product's),
+            or ``None``.
         deadline: wall-clock epoch seconds after which nobody waits for the result.
         enqueued_at: wall-clock epoch seconds of admission.
         image: decoded RGB image (in-process transport, or once loaded on a worker).
         loader: how a worker obtains the image when ``image`` is not set (Redis payload).
         attempt: delivery count (1 on first delivery, more after reclaims).
         transport_ref: transport-private handle (e.g. the Redis stream entry id).
+        kind: ``inspect`` (one image) or ``reference`` (rebuild a product's reference from its
+            good photos in the database; carries no image).
+        product: the product the job is for, or ``None``.
     """
 
     id: str
@@ -78,6 +134,8 @@ class Job:
     loader: Callable[[], Image.Image] | None = None
     attempt: int = 1
     transport_ref: Any = None
+    kind: str = JOB_INSPECT
+    product: ProductRef | None = None
 
     def load_image(self) -> Image.Image:
         if self.image is None:
@@ -97,6 +155,8 @@ class JobResult:
 
     ``anomaly_map`` is the detector's map quantised to uint8 (0..255 for 0..1) at the input
     image's resolution: compact to move between processes and all the heatmap PNG needs.
+    ``report`` is the calibration report of a ``reference`` job (JSON-able dict);
+    ``reference_version`` the product reference an inspection was fused with (``None``: none).
     """
 
     job_id: str
@@ -112,6 +172,8 @@ class JobResult:
     model_ms: float = 0.0
     error: str | None = None
     message: str = ""
+    report: dict[str, Any] | None = None
+    reference_version: int | None = None
 
     @classmethod
     def failure(
@@ -159,11 +221,13 @@ class JobQueue(abc.ABC):
         pass
 
     @abc.abstractmethod
-    async def submit(self, job: Job, file_bytes: bytes | None = None) -> PendingJob:
+    async def submit(self, job: Job, file_bytes: bytes | None = None, *, max_depth: int | None = None) -> PendingJob:
         """Admit and enqueue a job, or raise :class:`QueueError`.
 
         ``job.image`` is the decoded image; ``file_bytes`` the validated upload, which a
-        transport may ship instead of raw pixels when smaller.
+        transport may ship instead of raw pixels when smaller. ``max_depth`` (default: the
+        configured ``queue_max_depth``) is the depth at or above which the job is refused
+        (:class:`QueueFull`), checked atomically with the enqueue.
         """
 
     @abc.abstractmethod
@@ -177,6 +241,10 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> bool:
         """Whether the queue backend is reachable."""
+
+    async def load(self) -> QueueLoad:
+        """Depth and live workers with their progress (admission, ``/ready``)."""
+        return QueueLoad(await self.depth(), [WorkerLoad(w.worker_id, w.identity) for w in await self.workers()])
 
 
 class WorkSource(abc.ABC):
@@ -200,6 +268,9 @@ class WorkSource(abc.ABC):
 
     async def heartbeat(self, worker_id: str, in_flight: Sequence[Job]) -> None:  # noqa: B027
         """Called periodically while the worker lives (and while a batch runs)."""
+
+    def track_progress(self, worker_id: str, meter: ProgressMeter) -> None:  # noqa: B027
+        """The worker's progress meter, published with its liveness (see :mod:`.progress`)."""
 
     async def close(self) -> None:  # noqa: B027
         pass

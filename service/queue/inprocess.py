@@ -22,6 +22,7 @@ from service.queue.base import (
     WorkerInfo,
     WorkSource,
 )
+from service.queue.progress import ProgressMeter, QueueLoad, WorkerLoad
 
 
 class _InProcessPending(PendingJob):
@@ -50,15 +51,18 @@ class InProcessQueue(JobQueue, WorkSource):
         self._items: collections.deque[tuple[Job, asyncio.Future[JobResult]]] = collections.deque()
         self._futures: dict[str, asyncio.Future[JobResult]] = {}
         self._available = asyncio.Event()
-        self._in_progress = 0
+        self._running: set[str] = set()  # ids of jobs handed to a worker and not completed
         self._workers: dict[str, dict[str, Any]] = {}
+        self._meters: dict[str, ProgressMeter] = {}
 
     # ------------------------------------------------------------------ API side
-    async def submit(self, job: Job, file_bytes: bytes | None = None) -> PendingJob:
+    async def submit(self, job: Job, file_bytes: bytes | None = None, *, max_depth: int | None = None) -> PendingJob:
         if not self._workers:
             raise NoWorkerAvailable("no detector worker is running")
-        if len(self._items) + self._in_progress >= self.max_depth:
-            raise QueueFull(f"queue full ({self.max_depth} jobs waiting or in progress)")
+        limit = self.max_depth if max_depth is None else min(max_depth, self.max_depth)
+        depth = len(self._items) + len(self._running)
+        if depth >= limit:
+            raise QueueFull(f"queue full ({depth} jobs waiting or in progress, admitting below {limit})")
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._items.append((job, future))
         self._futures[job.id] = future
@@ -67,7 +71,14 @@ class InProcessQueue(JobQueue, WorkSource):
         return _InProcessPending(job, future)
 
     async def depth(self) -> int:
-        return len(self._items) + self._in_progress
+        return len(self._items) + len(self._running)
+
+    async def load(self) -> QueueLoad:
+        return QueueLoad(
+            len(self._items) + len(self._running),
+            [WorkerLoad(wid, dict(identity), self._meters[wid].snapshot() if wid in self._meters else None)
+             for wid, identity in self._workers.items()],
+        )
 
     async def workers(self) -> list[WorkerInfo]:
         return [WorkerInfo(wid, dict(identity)) for wid, identity in self._workers.items()]
@@ -79,14 +90,24 @@ class InProcessQueue(JobQueue, WorkSource):
     async def register(self, worker_id: str, identity: dict[str, Any]) -> None:
         self._workers[worker_id] = dict(identity)
 
+    def track_progress(self, worker_id: str, meter: ProgressMeter) -> None:
+        self._meters[worker_id] = meter
+
     async def unregister(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
+        self._meters.pop(worker_id, None)
         if not self._workers:
-            # nobody will serve what is still queued: fail it now rather than at its deadline
+            # nobody will serve what is queued or was in the stopped worker's hands: fail it now
+            # rather than at its deadline
             while self._items:
                 job, future = self._items.popleft()
                 if not future.done():
                     future.set_exception(NoWorkerAvailable("the detector worker stopped"))
+            for job_id in list(self._running):
+                future = self._futures.get(job_id)
+                if future is not None and not future.done():
+                    future.set_exception(NoWorkerAvailable("the detector worker stopped during the job"))
+            self._running.clear()
 
     async def receive(self, max_jobs: int, timeout: float) -> list[Job]:
         if not self._items and timeout > 0:
@@ -103,12 +124,12 @@ class InProcessQueue(JobQueue, WorkSource):
             jobs.append(job)
         if not self._items:
             self._available.clear()
-        self._in_progress += len(jobs)
+        self._running.update(job.id for job in jobs)
         return jobs
 
     async def complete(self, results: Sequence[tuple[Job, JobResult]]) -> None:
         for job, result in results:
-            self._in_progress = max(0, self._in_progress - 1)
+            self._running.discard(job.id)
             future = self._futures.get(job.id)
             if future is not None and not future.done():
                 future.set_result(result)
