@@ -9,6 +9,12 @@ Random backbone weights: only the cost is measured here, never the quality.
 
     python bench/bench_model.py                      # ViT-L-14-336 at 518, batches 1 and 4
     python bench/bench_model.py --backbone tiny-clip-random --image-size 64 --repeats 5
+
+With ``--runtime openvino`` it compares vision runtimes instead (see ``bench/bench_runtime.py``):
+torch fp32 against OpenVINO fp32 (and int8 with ``--precision int8``), time per image of an
+inspection, speed-ups, export time, map agreement and peak RSS:
+
+    python bench/bench_model.py --runtime openvino --precision int8      # ViT-L-14-336, 518 px
 """
 
 from __future__ import annotations
@@ -53,10 +59,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=str, default=None, help="also write the figures to this file")
+    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                        help="openvino: compare vision runtimes (torch fp32 vs OpenVINO) instead of detectors")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="with --runtime openvino: also build and time the int8 IR")
+    parser.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: a fresh temporary folder)")
+    parser.add_argument("--calibration-size", type=int, default=16, help="int8: synthetic calibration images")
+    parser.add_argument("--no-serving-rss", action="store_true", help="skip the child processes measuring RSS")
     parser.add_argument("--in-process", action="store_true",
                         help="measure the given detectors in this process (default: one process per detector, "
                              "so each peak RSS is that detector's own)")
     args = parser.parse_args()
+    if args.runtime == "openvino":
+        from bench.bench_runtime import run as run_runtime_comparison
+
+        run_runtime_comparison(args)
+        return
     if not args.in_process:
         run_isolated(args)
         return

@@ -5,12 +5,18 @@ Keys come from ``GENCLIP_API_KEYS``; none configured = open service. A client se
 before the body is read (an unauthenticated client cannot make us parse 20 MB), and again as
 a FastAPI security dependency, which is also what puts the "Authorize" button in ``/docs``.
 ``/health``, ``/ready``, ``/metrics`` and ``/docs`` stay open (probes, scrapers).
+
+The review page (``/ui``) runs in a browser, which cannot add headers to a page load or an
+``<img>``: it signs in by storing the key in the cookie ``genclip_api_key`` (``SameSite=Strict``,
+so no other site's page can send it), which every check here accepts as well.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Mapping
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import unquote
 from typing import Any
 
 from fastapi import HTTPException, Request, Security
@@ -20,6 +26,7 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="A
 bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 
 CHALLENGE = [(b"www-authenticate", b'Bearer realm="genclip", X-API-Key')]
+COOKIE_NAME = "genclip_api_key"
 
 
 class ApiKeyAuth:
@@ -48,6 +55,14 @@ class ApiKeyAuth:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+        cookie_header = headers.get("cookie")
+        if cookie_header:
+            try:
+                morsel = SimpleCookie(cookie_header).get(COOKIE_NAME)
+            except CookieError:
+                return None
+            if morsel is not None and unquote(morsel.value).strip():
+                return unquote(morsel.value).strip()
         return None
 
     def check_headers(self, headers: Mapping[str, str]) -> str | None:

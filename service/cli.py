@@ -1,7 +1,10 @@
 """``genclip``: the one command-line entry point.
 
 Subcommands: ``predict`` (score image files), ``train`` and ``evaluate`` (prompt training and
-the zero-shot benchmark protocol), ``serve`` (HTTP API) and ``worker`` (queue consumer).
+the zero-shot benchmark protocol), ``serve`` (HTTP API), ``worker`` (queue consumer), ``db``
+(database schema), ``products`` (register products, teach them from good photos),
+``import-checkpoint`` (published prompt checkpoints) and ``convert-backbone`` (CLIP weights in
+OpenAI's TorchScript or Hugging Face's layout to open_clip's).
 Model options default to the ``GENCLIP_*`` settings (:mod:`service.settings`); flags override.
 """
 
@@ -9,7 +12,16 @@ from __future__ import annotations
 
 import argparse
 
-from service import cli_evaluate, cli_predict, cli_serve, cli_train
+from service import (
+    cli_convert,
+    cli_db,
+    cli_evaluate,
+    cli_import,
+    cli_predict,
+    cli_products,
+    cli_serve,
+    cli_train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.register(subparsers)
     cli_evaluate.register(subparsers)
     cli_serve.register(subparsers)
+    cli_db.register(subparsers)
+    cli_products.register(subparsers)
+    cli_import.register(subparsers)
+    cli_convert.register(subparsers)
     return parser
 
 

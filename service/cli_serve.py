@@ -6,7 +6,8 @@ subcommand sets ``func`` so the caller runs ``args.func(args)``. Flags override 
 
 Standalone: ``python -m service.cli_serve serve --port 8000`` / ``... worker``.
 
-* ``serve``: the HTTP API (uvicorn, one process). Without a Redis URL the detector runs
+* ``serve``: the HTTP API (uvicorn with the guarded protocol of :mod:`service.http_server`, one
+  process). Without a Redis URL the detector runs
   inline (in-process queue); with one, jobs go to Redis Streams and ``--workers-inline`` also
   runs a detector worker in this process.
 * ``worker``: one detector on one device (``cuda`` when present, else CPU) consuming the
@@ -21,33 +22,16 @@ import logging
 import sys
 from typing import Any
 
+from service.cli_settings import MODEL_SETTINGS, QUEUE_SETTINGS, add_settings_flags, settings_from_args
 from service.settings import Settings
 
 log = logging.getLogger("service")
 
-# flag dest -> Settings field
-_MODEL_FLAGS = {
-    "detector": ("--detector", {"choices": ["auto", "genclip", "vip2clip", "baseline", "ensemble"]}),
-    "backbone": ("--backbone", {"help": "open_clip model name (default ViT-L-14-336)"}),
-    "backbone_weights": ("--backbone-weights", {"help": "pretrained tag, file path or 'random'"}),
-    "clip_cache_dir": ("--clip-cache-dir", {}),
-    "checkpoint": ("--checkpoint", {"help": "GenCLIP prompt checkpoint (.safetensors)"}),
-    "vip2clip_checkpoint": ("--vip2clip-checkpoint", {}),
-    "image_size": ("--image-size", {"type": int}),
-    "device": ("--device", {"help": "auto | cpu | cuda | cuda:N"}),
-}
-_QUEUE_FLAGS = {
-    "redis_url": ("--redis-url", {"help": "Redis URL; unset = in-process queue (serve only)"}),
-    "max_batch": ("--max-batch", {"type": int}),
-    "max_wait_ms": ("--max-wait-ms", {"type": float}),
-    "log_level": ("--log-level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
-}
-
-
-def _add(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, dict]]) -> None:
-    for dest, (flag, kwargs) in flags.items():
-        parser.add_argument(flag, dest=dest, default=None, **kwargs)
-
+SERVE_SETTINGS = ("host", "port", "workers_inline", "queue_max_depth", "job_timeout_s", "thresholds_file",
+                  "max_inflight_requests", "http_max_requests", "http_max_loop_lag_ms", "http_backlog",
+                  "header_timeout_s", "body_timeout_s", "body_idle_timeout_s", "max_decoded_bytes",
+                  "decoded_bytes_budget")
+WORKER_SETTINGS = ("worker_id", "worker_metrics_port")
 
 def register(subparsers: Any) -> None:
     """Add ``serve`` and ``worker`` to an argparse subparsers object."""
@@ -55,36 +39,15 @@ def register(subparsers: Any) -> None:
         "serve", help="run the HTTP inspection API",
         description="Run the HTTP API (POST /inspect). Settings from GENCLIP_* env vars; flags override.",
     )
-    _add(serve, _MODEL_FLAGS)
-    _add(serve, _QUEUE_FLAGS)
-    serve.add_argument("--host", dest="host", default=None)
-    serve.add_argument("--port", dest="port", type=int, default=None)
-    serve.add_argument(
-        "--workers-inline", dest="workers_inline", action="store_true", default=None,
-        help="with --redis-url: also run a detector worker in this process",
-    )
+    add_settings_flags(serve, (*MODEL_SETTINGS, *QUEUE_SETTINGS, *SERVE_SETTINGS))
     serve.set_defaults(func=main_serve)
 
     worker = subparsers.add_parser(
         "worker", help="run one detector worker on the Redis queue",
         description="Consume jobs from Redis Streams with one detector on one device.",
     )
-    _add(worker, _MODEL_FLAGS)
-    _add(worker, _QUEUE_FLAGS)
-    worker.add_argument("--worker-id", dest="worker_id", default=None)
-    worker.add_argument("--metrics-port", dest="worker_metrics_port", type=int, default=None,
-                        help="serve Prometheus metrics of this worker on this port")
+    add_settings_flags(worker, (*MODEL_SETTINGS, *QUEUE_SETTINGS, *WORKER_SETTINGS))
     worker.set_defaults(func=main_worker)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Environment settings with the flags that were given on top."""
-    overrides = {
-        name: value
-        for name in Settings.model_fields
-        if (value := getattr(args, name, None)) is not None
-    }
-    return Settings(**overrides)
 
 
 def _configure_logging(level: str) -> None:
@@ -106,9 +69,8 @@ def _load_detector_or_exit(settings: Settings, command: str) -> Any:
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.http_server import build_server
 
     settings = settings_from_args(args)
     _configure_logging(settings.log_level)
@@ -118,13 +80,7 @@ def main_serve(args: argparse.Namespace) -> int:
         "serving on http://%s:%d (transport=%s, inline worker=%s)",
         settings.host, settings.port, settings.transport, settings.run_inline_worker,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
-    )
+    build_server(app, settings).run()
     return 0
 
 

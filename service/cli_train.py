@@ -1,5 +1,7 @@
-"""``genclip train``: learn prompts on auxiliary data (zero-shot protocol: train on VisA to
-test on MVTec AD and vice versa). Backbone settings come from ``GENCLIP_*``; flags override."""
+"""``genclip train``: learn prompts on auxiliary data (zero-shot protocol: train on the *other*
+data set's test split: VisA to test on MVTec AD and vice versa). Backbone settings come from
+``GENCLIP_*``; flags override. ``--eval-root`` names the data the prompts will be evaluated on:
+training there is not zero-shot, and the command says so before it starts."""
 
 from __future__ import annotations
 
@@ -9,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli_serve import _MODEL_FLAGS, _add, settings_from_args
-
-_BACKBONE_FLAGS = {key: _MODEL_FLAGS[key] for key in ("backbone", "backbone_weights", "clip_cache_dir", "device")}
+from service.cli_settings import BACKBONE_SETTINGS, add_settings_flags, settings_from_args
 
 
 def register(subparsers: Any) -> None:
@@ -28,18 +28,21 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--categories", nargs="*", default=None, help="categories to train on (default all)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (ViP2-CLIP: prompts; FGP uses 1e-5)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (ViP2-CLIP: the prompts; its FGP module trains at lr / 100)")
     parser.add_argument("--train-image-size", dest="train_image_size", type=int, default=518)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="1-based blocks (default quarter points)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="checkpoint name (default <detector>_<data>)")
     parser.add_argument("--output", type=Path, default=None, help="checkpoint path (default weights/<name>.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same output")
+    parser.add_argument("--eval-root", type=Path, default=None,
+                        help="the data set these prompts will be evaluated on: warns when it is the training data")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data-loading processes (default: 4 on GPU, 0 on CPU)")
     parser.add_argument("--no-progress", action="store_true")
-    _add(parser, _BACKBONE_FLAGS)
+    add_settings_flags(parser, BACKBONE_SETTINGS)
     parser.set_defaults(func=main_train)
 
 
@@ -47,9 +50,10 @@ def main_train(args: argparse.Namespace) -> int:
     from model.backbone import load_backbone
     from model.data.errors import DatasetError
     from model.data.registry import read_dataset
-    from model.errors import WeightsFormatError, WeightsNotFoundError
+    from model.errors import ResumeError, WeightsFormatError, WeightsNotFoundError
+    from model.evaluation import same_data_root
     from model.factory import resolve_device
-    from model.training import TrainingConfig, train
+    from model.training import TrainingConfig, resume_path, train
 
     settings = settings_from_args(args)
     spec = settings.detector_config().backbone
@@ -59,6 +63,13 @@ def main_train(args: argparse.Namespace) -> int:
     except (DatasetError, WeightsNotFoundError, WeightsFormatError) as error:
         print(f"genclip train: {error}", file=sys.stderr)
         return 2
+    if args.eval_root is not None and same_data_root(args.root, args.eval_root):
+        print(
+            f"genclip train: warning: training on {args.root}, the data you will evaluate on ({args.eval_root}): "
+            "that is not zero-shot. The protocol trains on the other data set's test split "
+            "(VisA to evaluate on MVTec AD, MVTec AD to evaluate on VisA).",
+            file=sys.stderr,
+        )
     name = args.name or f"{args.train_detector}_{args.data}"
     output = args.output or Path("weights") / f"{name}.safetensors"
     config = TrainingConfig(
@@ -81,10 +92,17 @@ def main_train(args: argparse.Namespace) -> int:
         f"[{backbone.weights_label}] on {backbone.device}",
         file=sys.stderr,
     )
+    def resumed(state_file: Path, done: int, losses: list[float]) -> None:
+        history = ", ".join(f"{loss:.4f}" for loss in losses)
+        print(f"resuming from {state_file}: {done} of {config.epochs} epochs done (losses {history})", file=sys.stderr)
+
+    if args.resume and not resume_path(output).is_file():
+        print(f"genclip train: nothing to resume at {resume_path(output)}: starting at epoch 1", file=sys.stderr)
     try:
         result = train(backbone, samples, config, progress=not args.no_progress,
-                       on_epoch_end=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr))
-    except DatasetError as error:
+                       on_epoch_end=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr),
+                       on_resume=resumed)
+    except (DatasetError, ResumeError) as error:
         print(f"genclip train: {error}", file=sys.stderr)
         return 2
     summary = {"checkpoint": str(result.checkpoint), "digest": result.digest, "epoch_losses": result.epoch_losses}

@@ -86,3 +86,14 @@ def overlay_png(
     a = int(round(alpha * 256))
     blended = (color.astype(np.uint16) * a + base.astype(np.uint16) * (256 - a) + 128) >> 8
     return encode_png(blended.astype(np.uint8), compress_level)
+
+
+def mask_png(map_u8: np.ndarray, threshold: float, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """Binary defect mask (1-bit PNG, white = defective) of the pixels whose map value is at
+    or above ``threshold`` (in [0, 1]), same size as the map."""
+    from model.regions import defect_mask
+
+    mask = defect_mask(map_u8, threshold)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask), mode="1").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -2,14 +2,22 @@
 
 Order of checks, cheapest first, nothing decoded before it is known to be safe:
 
-1. request-level, in :class:`UploadGuard` (ASGI, before any body is parsed): API key,
-   ``Content-Type: multipart/form-data``, ``Content-Length`` against the limit, then the
-   bytes actually received are counted while streaming (chunked uploads have no length);
+1. request-level, before any body is parsed: the HTTP protocol (:mod:`service.http_server`:
+   timeouts, body size) and the upload guard (:mod:`service.upload_guard`: API key,
+   ``multipart/form-data``, per-route body size, admission);
 2. the file part's declared content type (when given) must be an image type we take;
 3. :func:`decode_image`: file size; ``Image.open(fp, formats=[JPEG, PNG, BMP, TIFF])`` reads
-   only the header; the pixel count from the header is checked against ``max_image_pixels``
-   *before* decoding (decompression bombs); then a full decode (``load``), which is where a
-   truncated or corrupt file fails.
+   only the header, from which come the pixel count (``max_image_pixels``), the decoded size
+   (width x height x bands x bytes per sample: ``max_decoded_bytes``, 413) and the frame count
+   (multi-frame TIFF / animated PNG: 422), all *before* decoding; then the decoded bytes are
+   reserved in the process-wide budget (:mod:`service.limits`: 503 when spent); then a full
+   decode (``load``), which is where a truncated or corrupt file fails; then the EXIF / TIFF
+   orientation is applied, so the detector sees and the heatmap shows the image as displayed.
+
+Multi-frame policy: a TIFF with several pages or an animated PNG is refused (422
+``multi_frame``): which frame is the part is not ours to guess. A JPEG with a Multi-Picture
+(MPO) extension is accepted: its first image is by definition the primary image (the others
+are previews or stereo views), and it is what every viewer shows.
 """
 
 from __future__ import annotations
@@ -17,13 +25,11 @@ from __future__ import annotations
 import io
 import time
 import warnings
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 ALLOWED_PART_TYPES = frozenset({
@@ -31,32 +37,67 @@ ALLOWED_PART_TYPES = frozenset({
     "image/x-bmp", "image/x-ms-bmp", "image/tiff", "image/tif", "image/x-tiff",
     "application/octet-stream",
 })
-# Room for multipart boundaries, part headers and the class_name field on top of the file.
-MULTIPART_OVERHEAD = 64 * 1024
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+# Formats whose extra frames are not alternatives to the image (see the module docstring).
+PRIMARY_FRAME_FORMATS = frozenset({"MPO"})
+# EXIF / TIFF orientation tag value -> the transposition that shows the image upright.
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageRejected(Exception):
-    """An upload we refuse: ``status`` is the HTTP status to answer."""
+    """An upload we refuse: ``status`` is the HTTP status to answer (503s carry a retry delay)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What the header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    bands: int
+    bytes_per_sample: int
+    orientation: int  # EXIF / TIFF orientation tag (1 = upright)
+    multi_frame: bool
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def decoded_bytes(self) -> int:
+        """width x height x bands x bytes per sample of the file's own pixel mode."""
+        return self.pixels * self.bands * self.bytes_per_sample
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) once the orientation is applied."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
 @dataclass
 class DecodedImage:
-    image: Image.Image  # RGB
+    image: Image.Image  # RGB, in displayed orientation
     format: str
-    width: int
-    height: int
+    width: int  # displayed width
+    height: int  # displayed height
     decode_ms: float
+    orientation: int = 1  # the orientation tag that was applied (1 = none)
 
 
 def check_part_content_type(content_type: str | None) -> None:
@@ -85,8 +126,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
-    """Validate and decode an upload to RGB, or raise :class:`ImageRejected`."""
+def probe_image(img: Image.Image) -> ImageProbe:
+    """Read size, pixel mode, orientation and frame count of an opened (not loaded) image."""
+    mode = ImageMode.getmode(img.mode)
+    bytes_per_sample = max(1, np.dtype(mode.typestr).itemsize)
+    try:
+        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # unreadable EXIF is no reason to refuse the pixels
+        orientation = 1
+    if orientation not in ORIENTATION_TRANSPOSE:
+        orientation = 1
+    width, height = img.size
+    return ImageProbe(
+        format=img.format or "?", width=width, height=height, mode=img.mode, bands=len(mode.bands),
+        bytes_per_sample=bytes_per_sample, orientation=orientation,
+        multi_frame=bool(getattr(img, "is_animated", False)) and img.format not in PRIMARY_FRAME_FORMATS,
+    )
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_decoded_bytes: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedImage:
+    """Validate and decode an upload to RGB in displayed orientation, or raise :class:`ImageRejected`.
+
+    Args:
+        data: the file bytes.
+        max_bytes: largest file (413).
+        max_pixels: largest width x height from the header (413).
+        max_decoded_bytes: largest width x height x bands x bytes per sample from the header (413).
+        reserve: called with the decoded size before decoding; raises :class:`ImageRejected`
+            (503) when the process-wide budget cannot hold it (:meth:`service.limits.ByteBudget.reserver`).
+    """
     t0 = time.perf_counter()
     if not data:
         raise ImageRejected(415, "unsupported_media_type", "the image file is empty")
@@ -114,7 +189,24 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
                 413, "image_too_large",
                 f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
             )
-        fmt = img.format or "?"
+        try:
+            probe = probe_image(img)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise ImageRejected(415, "unsupported_media_type", f"unsupported image header: {exc}") from exc
+        if max_decoded_bytes is not None and probe.decoded_bytes > max_decoded_bytes:
+            raise ImageRejected(
+                413, "image_too_large",
+                f"image decodes to {probe.decoded_bytes} bytes ({width}x{height}, {probe.bands} band(s) "
+                f"of {probe.bytes_per_sample} byte(s), mode {probe.mode}), the limit is {max_decoded_bytes}",
+            )
+        if probe.multi_frame:
+            raise ImageRejected(
+                422, "multi_frame",
+                f"the {probe.format} file holds several frames: send one image per request",
+            )
+        if reserve is not None:
+            reserve(probe.decoded_bytes)
+        fmt = probe.format
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -131,161 +223,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
             ) from exc
         if rgb.size != (width, height):  # pragma: no cover - defensive
             raise ImageRejected(415, "unsupported_media_type", "image size changed while decoding")
-        if rgb is img:
+        if probe.orientation != 1:
+            rgb = rgb.transpose(ORIENTATION_TRANSPOSE[probe.orientation])
+        elif rgb is img:
             rgb = img.copy()  # detach from the file object closed below
     finally:
         img.close()
-    return DecodedImage(rgb, fmt, width, height, (time.perf_counter() - t0) * 1000.0)
-
-
-# ====================================================================== ASGI guard
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when a streamed body passes the limit (answered 413).
-
-    An ``HTTPException`` so that FastAPI's body parsing re-raises it as is instead of turning
-    it into a generic 400.
-    """
-
-    code = "payload_too_large"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(status_code=413, detail=message)
-
-
-async def send_json(send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-        *extra_headers,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class UploadGuard:
-    """ASGI middleware for ``POST /inspect``: checks that need no body, before any parsing.
-
-    In order: API key (401), ``multipart/form-data`` (415), ``Content-Length`` (413), the
-    in-flight request cap and queue admission (503 + ``Retry-After``: under overload a request
-    is shed before its upload is parsed or decoded); then the received bytes are counted while
-    the app streams the body (413 past the limit).
-
-    A refused request's body is read and discarded (bounded in bytes and time) before the
-    error is sent, so that an HTTP/1.1 client still uploading reads the 4xx instead of a reset.
-    """
-
-    def __init__(
-        self,
-        app: Any,
-        *,
-        path: str,
-        max_body_bytes: int,
-        authorize: Callable[[Scope], tuple[int, bytes, list] | None],
-        error_body: Callable[[int, str, str], bytes],
-        drain_bytes: int,
-        drain_seconds: float = 3.0,
-        admit: Callable[[], Awaitable[tuple[str, str] | None]] | None = None,
-        max_inflight: int = 0,
-        retry_after_s: int = 1,
-        on_reject: Callable[[str], None] | None = None,
-    ) -> None:
-        self.app = app
-        self.path = path
-        self.max_body_bytes = max_body_bytes
-        self.authorize = authorize
-        self.error_body = error_body
-        self.drain_bytes = drain_bytes
-        self.drain_seconds = drain_seconds
-        self.admit = admit
-        self.max_inflight = max_inflight
-        self.retry_after = [(b"retry-after", str(retry_after_s).encode())]
-        self.on_reject = on_reject or (lambda reason: None)
-        self.inflight = 0
-
-    async def _drain(self, receive: Receive, already: int = 0) -> None:
-        total, deadline = already, time.monotonic() + self.drain_seconds
-        while total <= self.drain_bytes and time.monotonic() < deadline:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            total += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
-
-    async def _refuse(self, receive: Receive, send: Send, status: int, code: str, message: str,
-                      headers: list | None = None) -> None:
-        await self._drain(receive)
-        await send_json(send, status, self.error_body(status, code, message), headers or [])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        denied = self.authorize(scope)
-        if denied is not None:
-            status, message, headers = denied
-            await self._refuse(receive, send, status, "unauthorized", message.decode(), headers)
-            return
-        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
-        if content_type != "multipart/form-data":
-            await self._refuse(
-                receive, send, 415, "unsupported_media_type",
-                f"request content type must be multipart/form-data, got {content_type or 'none'!r}",
-            )
-            return
-        length = _header(scope, b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                declared = -1
-            if declared < 0:
-                await send_json(send, 400, self.error_body(400, "bad_request", "invalid Content-Length"))
-                return
-            if declared > self.max_body_bytes:
-                await self._refuse(
-                    receive, send, 413, "payload_too_large",
-                    f"request body is {declared} bytes, the limit is {self.max_body_bytes}",
-                )
-                return
-        # load shedding before any parsing: in-flight cap (bounds memory), then queue admission
-        if self.max_inflight and self.inflight >= self.max_inflight:
-            self.on_reject("overloaded")
-            await self._refuse(receive, send, 503, "overloaded",
-                               f"{self.inflight} requests in progress, the limit is {self.max_inflight}",
-                               self.retry_after)
-            return
-        if self.admit is not None:
-            refusal = await self.admit()
-            if refusal is not None:
-                reason, message = refusal
-                self.on_reject(reason)
-                await self._refuse(receive, send, 503, reason, message, self.retry_after)
-                return
-        received = 0
-        limit = self.max_body_bytes
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    if message.get("more_body", False):
-                        await self._drain(receive, received)
-                    raise BodyTooLarge(f"request body passed the limit of {limit} bytes")
-            return message
-
-        self.inflight += 1
-        try:
-            await self.app(scope, counting_receive, send)
-        finally:
-            self.inflight -= 1
+    return DecodedImage(rgb, fmt, rgb.width, rgb.height, (time.perf_counter() - t0) * 1000.0, probe.orientation)

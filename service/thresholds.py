@@ -78,9 +78,13 @@ class Thresholds:
         return cls.from_mapping(data, default, where=str(path))
 
     def for_class(self, class_name: str | None, class_label: str | None = None) -> float:
+        return self.lookup(class_name, class_label)[0]
+
+    def lookup(self, class_name: str | None, class_label: str | None = None) -> tuple[float, str]:
+        """``(threshold, source)``: source ``class`` (a per-class entry matched) or ``default``."""
         for name in (class_name, class_label):
             if name:
                 value = self.per_class.get(_norm(name))
                 if value is not None:
-                    return value
-        return self.default
+                    return value, "class"
+        return self.default, "default"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import importlib
 import logging
 import math
@@ -37,10 +38,13 @@ from service.queue.base import (
     ERROR_BAD_JOB,
     ERROR_EXPIRED,
     ERROR_INFERENCE,
+    ERROR_PRODUCT_GONE,
+    JOB_INSPECT,
     Job,
     JobResult,
     WorkSource,
 )
+from service.queue.progress import ProgressMeter
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,36 @@ def load_detector(settings: Settings) -> Any:
         return factory(settings)
     from model.factory import build_detector
 
-    return build_detector(settings.detector_config())
+    config = settings.detector_config()
+    if settings.calibration_product and settings.precision == "int8":
+        config = dataclasses.replace(config, calibration_photos=tuple(product_calibration_photos(settings)))
+    return build_detector(config)
+
+
+def product_calibration_photos(settings: Settings) -> list[Image.Image]:
+    """The good photos of ``settings.calibration_product``, decoded, for int8 calibration.
+
+    Raises:
+        model.errors.CalibrationDataError: no such product, or it has no photo.
+    """
+    from model.errors import CalibrationDataError
+    from service.db.database import open_database
+    from service.image_input import decode_image
+    from service.products import repository
+    from service.products.repository import ProductNotFound
+
+    name = settings.calibration_product
+    database = open_database(settings.database_url, settings.database_migrate, threads=1)
+    try:
+        photos = database.transaction(lambda s: repository.load_images(s, repository.get_product(s, name).id))
+    except ProductNotFound:
+        raise CalibrationDataError(f"GENCLIP_CALIBRATION_PRODUCT={name!r}: no such product") from None
+    finally:
+        database.close()
+    if not photos:
+        raise CalibrationDataError(f"GENCLIP_CALIBRATION_PRODUCT={name!r} has no good photos yet")
+    return [decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels).image
+            for _, data in photos]
 
 
 class BatchWorker:
@@ -96,8 +129,12 @@ class BatchWorker:
         heartbeat_interval_s: float | None = None,
         poll_s: float = 0.25,
         device: str | None = None,
+        products: Any = None,
     ) -> None:
+        """``products``: a :class:`service.products.worker_jobs.WorkerProducts` when the worker
+        has the database (few-shot references, reference jobs), else ``None``."""
         self.source = source
+        self.products = products
         self.detector = detector
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -114,6 +151,7 @@ class BatchWorker:
         self._in_flight: list[Job] = []
         self.batches = 0
         self.running = False
+        self.progress = ProgressMeter()
 
     def stop(self) -> None:
         """Finish the current batch, then return from :meth:`run`."""
@@ -124,27 +162,30 @@ class BatchWorker:
         return {**self.identity, "device": self.device, "max_batch": self.max_batch}
 
     async def run(self) -> None:
+        self.source.track_progress(self.worker_id, self.progress)
         await self.source.register(self.worker_id, self.info)
         self.running = True
         heartbeat = None
         if self.heartbeat_interval_s:
             heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
         log.info("worker %s running %s (max_batch=%d)", self.worker_id, self.identity, self.max_batch)
-        backoff = 0.1
+        backoff = 0.05
         try:
             while not self._stop.is_set():
                 try:
                     jobs = await self.source.receive(self.max_batch, self.poll_s)
+                    self.progress.polled()
                     if not jobs:
+                        backoff = 0.05
                         continue
                     jobs = await self._fill(jobs)
-                    backoff = 0.1
+                    backoff = 0.05
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # transport trouble: keep going
-                    log.warning("worker %s: receive failed: %s", self.worker_id, exc)
+                except Exception as exc:  # transport trouble (Redis restarting...): retry with backoff
+                    log.warning("worker %s: receive failed (retry in %.2f s): %s", self.worker_id, backoff, exc)
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    backoff = min(backoff * 2, 1.0)
                     continue
                 await self._process(jobs)
         finally:
@@ -178,6 +219,48 @@ class BatchWorker:
                 log.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
 
     async def _process(self, jobs: list[Job]) -> None:
+        inspections = [job for job in jobs if job.kind == JOB_INSPECT]
+        if inspections:
+            self.progress.batch_started()
+            try:
+                await self._process_batch(inspections)
+            finally:
+                self.progress.batch_finished(len(inspections))
+        for job in jobs:  # reference builds: one at a time, never batched with inspections
+            if job.kind != JOB_INSPECT:
+                # Not a batch for the service rate (a rebuild takes far longer than an
+                # inspection); while it runs the worker serves no inspection, and /ready and
+                # admission say so once it outlasts the progress window.
+                await self._process_reference(job)
+                self.progress.polled()
+
+    async def _process_reference(self, job: Job) -> None:
+        if job.expired():
+            result = JobResult.failure(job, ERROR_EXPIRED, "the reference job's deadline passed before it ran",
+                                       worker=self.worker_id, identity=self.identity)
+        elif self.products is None or job.product is None:
+            result = JobResult.failure(job, ERROR_PRODUCT_GONE, "this worker has no product database",
+                                       worker=self.worker_id, identity=self.identity)
+        else:
+            self._in_flight = [job]
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            try:
+                result = await asyncio.shield(loop.run_in_executor(
+                    self._executor, self.products.run_reference_job, job, self.worker_id))
+            except Exception as exc:  # run_reference_job reports failures itself: a bug net
+                log.exception("worker %s: reference job %s crashed", self.worker_id, job.id)
+                result = JobResult.failure(job, ERROR_INFERENCE, f"worker error: {exc}", worker=self.worker_id)
+            finally:
+                self._in_flight = []
+            result.model_ms = (time.perf_counter() - started) * 1000.0
+        self.metrics.jobs.labels("reference_" + ("ok" if result.ok else (result.error or "error"))).inc()
+        try:
+            await self.source.complete([(job, result)])
+        except Exception:
+            log.exception("worker %s: could not deliver the result of reference job %s", self.worker_id, job.id)
+
+    async def _process_batch(self, jobs: list[Job]) -> None:
         now = time.time()
         results: list[tuple[Job, JobResult]] = []
         live: list[Job] = []
@@ -256,15 +339,35 @@ class BatchWorker:
         )
 
     def _infer(self, items: Sequence[tuple[Job, Image.Image]], started: float, out: dict[str, JobResult]) -> None:
+        references = None
+        if any(job.product is not None for job, _ in items):
+            if self.products is None:
+                for job, _ in items:
+                    out[job.id] = JobResult.failure(job, ERROR_PRODUCT_GONE, "this worker has no product database",
+                                                    worker=self.worker_id, identity=self.identity)
+                return
+            references, failures = self.products.references_for([job for job, _ in items], self.worker_id)
+            if failures:
+                out.update(failures)
+                kept = [index for index, (job, _) in enumerate(items) if job.id not in failures]
+                items = [items[index] for index in kept]
+                references = [references[index] for index in kept]
+                if not items:
+                    return
         images = [image for _, image in items]
         names = [job.class_name for job, _ in items]
+        versions = [reference[1] if reference is not None else None for reference in references or [None] * len(items)]
         t0 = time.perf_counter()
-        inspections = self.detector.inspect(images, names)
+        if references is not None and any(reference is not None for reference in references):
+            fewshot = [reference[0] if reference is not None else None for reference in references]
+            inspections = self.detector.inspect(images, names, references=fewshot)
+        else:
+            inspections = self.detector.inspect(images, names)
         elapsed = time.perf_counter() - t0
         if len(inspections) != len(items):
             raise RuntimeError(f"detector returned {len(inspections)} results for {len(items)} images")
         staged = []
-        for (job, image), insp in zip(items, inspections, strict=True):
+        for (job, image), insp, version in zip(items, inspections, versions, strict=True):
             score = float(insp.score)
             if not math.isfinite(score):
                 raise ValueError(f"non-finite score {score!r}")
@@ -280,6 +383,7 @@ class BatchWorker:
                 batch_size=len(items),
                 queue_ms=max(0.0, (started - job.enqueued_at) * 1000.0),
                 model_ms=elapsed * 1000.0,
+                reference_version=version,
             ))
         self.metrics.batch_size.observe(len(items))
         self.metrics.model_latency.observe(elapsed)
@@ -294,9 +398,13 @@ async def serve_worker(settings: Settings, detector: Any = None) -> int:
 
     if not settings.redis_url:
         raise SystemExit("genclip worker needs a Redis URL (GENCLIP_REDIS_URL or --redis-url)")
+    from service.db.database import open_database
+    from service.products.worker_jobs import worker_products
+
     if detector is None:
         detector = await asyncio.to_thread(load_detector, settings)
     worker_id = settings.worker_id or default_worker_id()
+    database = await asyncio.to_thread(open_database, settings.database_url, settings.database_migrate)
     await wait_for_redis(settings.redis_url, timeout=30.0)
     metrics = Metrics()
     if settings.worker_metrics_port is not None:
@@ -312,6 +420,7 @@ async def serve_worker(settings: Settings, detector: Any = None) -> int:
         worker_id=worker_id,
         metrics=metrics,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        products=worker_products(settings, database, detector),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -323,6 +432,7 @@ async def serve_worker(settings: Settings, detector: Any = None) -> int:
         await worker.run()
     finally:
         await source.close()
+        database.close()
     return 0
 
 

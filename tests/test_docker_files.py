@@ -388,9 +388,9 @@ def test_compose_accepts_the_file(profiles: tuple[str, ...]) -> None:
 @pytest.mark.parametrize(
     ("profiles", "expected"),
     [
-        ((), {"redis", "api"}),
-        (("cpu",), {"redis", "api", "worker-cpu"}),
-        (("gpu",), {"redis", "api", "worker"}),
+        ((), {"postgres", "redis", "api"}),
+        (("cpu",), {"postgres", "redis", "api", "worker-cpu"}),
+        (("gpu",), {"postgres", "redis", "api", "worker"}),
     ],
 )
 def test_profiles_select_the_worker(profiles: tuple[str, ...], expected: set[str]) -> None:
@@ -435,12 +435,14 @@ def test_redis_service() -> None:
 def test_genclip_service_wiring(name: str) -> None:
     service = services()[name]
     assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert service["restart"] in {"unless-stopped", "always"}
     assert service.get("init") is True, "tini as PID 1 forwards SIGTERM"
     assert service["build"]["context"] in {".", str(REPO)}
     assert (REPO / service["build"]["dockerfile"]).is_file()
     env = service["environment"]
     assert env["GENCLIP_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["GENCLIP_DATABASE_URL"] == "postgresql://genclip:genclip@postgres:5432/genclip"
     assert env["GENCLIP_ALLOW_DOWNLOAD"] == "false", "offline by default"
     assert env["GENCLIP_BACKBONE"] == "ViT-L-14-336"
     mounts = {m["target"]: m for m in service["volumes"]}
@@ -458,6 +460,19 @@ def test_genclip_service_wiring(name: str) -> None:
 
 def test_named_cache_volume() -> None:
     assert "clip-cache" in config(ALL)["volumes"]
+
+
+def test_postgres_service_keeps_its_data_and_reports_health() -> None:
+    postgres = services()["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    mounts = {m["target"]: m for m in postgres["volumes"]}
+    data = mounts["/var/lib/postgresql/data"]
+    assert data["type"] == "volume" and data["source"] == "pg-data"
+    assert "pg-data" in config(ALL)["volumes"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert not postgres.get("ports"), "PostgreSQL is not published by default"
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("genclip", "genclip")
 
 
 def test_api_publishes_8000_and_checks_health_not_ready() -> None:
@@ -659,7 +674,9 @@ def test_compose_topology_runs_outside_docker(throwaway_redis, tmp_path: Path) -
 
     def environment(name: str) -> dict[str, str]:
         env = {k: v for k, v in cfg[name]["environment"].items() if v is not None}
+        # the compose file's PostgreSQL host does not exist here: both share one SQLite file
         env.update(GENCLIP_REDIS_URL=url, GENCLIP_BACKBONE="tiny-clip-random", GENCLIP_BACKBONE_WEIGHTS="random",
+                   GENCLIP_DATABASE_URL=f"sqlite:///{tmp_path / 'genclip.db'}",
                    GENCLIP_CLIP_CACHE_DIR=str(tmp_path / "open_clip"), HF_HOME=str(tmp_path / "hf"))
         return {**base, **env}
 
@@ -769,3 +786,14 @@ def test_genclip_subcommands_exist(subcommand: str, flags: tuple[str, ...]) -> N
     assert result.returncode == 0, result.stdout + result.stderr
     for flag in flags:
         assert flag in result.stdout, f"`genclip {subcommand} --help` lists {flag}"
+
+
+def test_api_keeps_record_images_on_a_volume() -> None:
+    api = services()["api"]
+    mounts = {m["target"]: m for m in api["volumes"]}
+    assert mounts["/records"]["type"] == "volume" and mounts["/records"]["source"] == "records"
+    assert {"/weights", "/cache"} <= set(mounts), "the api keeps the shared mounts"
+    assert api["environment"]["GENCLIP_RECORDS_DIR"] == "/records"
+    assert "records" in config(ALL)["volumes"]
+    dockerfile = (REPO / "docker" / "Dockerfile.api").read_text()
+    assert "/records" in dockerfile.split("chown", 1)[1].splitlines()[0], "the mount point belongs to the user"

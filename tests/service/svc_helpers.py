@@ -38,9 +38,16 @@ async def app_client(settings, **kwargs):
 
 
 def settings_for(**overrides):
+    """Test settings; without a ``database_url``, a private SQLite file in a fresh temp dir."""
+    import tempfile
+
     from service.settings import Settings
 
     base = {"max_wait_ms": 5.0, "job_timeout_s": 20.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 2.0}
+    folder = tempfile.mkdtemp(prefix="genclip-test-")
+    if "database_url" not in overrides:
+        base["database_url"] = f"sqlite:///{folder}/genclip.db"
+    base["records_dir"] = f"{folder}/records"
     base.update(overrides)
     return Settings(_env_file=None, **base)
 
@@ -102,9 +109,41 @@ def metric_value(text: str, name: str, labels: dict | None = None) -> float:
     return total
 
 
+def wait_until_ready(base: str, proc, timeout: float = 120.0) -> bool:
+    """Poll ``base + /ready`` until 200; ``False`` if ``proc`` exits or the time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def subprocess_env(**extra: str) -> dict:
+    """Environment for a ``genclip`` subprocess: this checkout importable, a private database."""
+    import tempfile
+
     env = dict(os.environ)
+    folder = tempfile.mkdtemp(prefix="genclip-proc-")
+    env["GENCLIP_DATABASE_URL"] = f"sqlite:///{folder}/genclip.db"
+    env["GENCLIP_RECORDS_DIR"] = f"{folder}/records"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """The answer is the JSON error body of ``status`` (and ``code`` when given)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["status"] == status and body["message"]
+    if code is not None:
+        assert body["error"] == code, body
+    return body

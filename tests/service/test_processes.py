@@ -77,10 +77,13 @@ async def test_sigkilled_worker_jobs_are_finished_by_another_worker(redis_url, p
             # worker A is inside detector.inspect with the whole batch
             started = await asyncio.to_thread(wait_for_file, marker)
             assert started.split()[1] == "5", started
+            # a second worker is alive when A dies (with none alive, the requests would get a fast
+            # 503 no_worker instead: tests/service/test_faults.py)
+            worker_b = start_worker(redis_url, prefix, "worker-b")
+            await wait_ready(client, "worker-b")
             worker_a.send_signal(signal.SIGKILL)
             assert worker_a.wait(10) == -signal.SIGKILL
             assert not any(t.done() for t in requests)
-            worker_b = start_worker(redis_url, prefix, "worker-b")
             responses = await asyncio.wait_for(asyncio.gather(*requests), 45)
             live = set()
             for _ in range(100):  # A's heartbeat expires (TTL 1 s), B's stays

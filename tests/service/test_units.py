@@ -12,7 +12,7 @@ from PIL import Image
 from svc_helpers import image_bytes, noise, png_header_only, solid
 
 from service import heatmap
-from service.app import prefers_png
+from service.routers.inspection import prefers_png
 from service.image_input import ImageRejected, check_part_content_type, decode_image
 from service.queue.base import Job, JobResult
 from service.queue.jobs import decode_job, decode_result, encode_job, encode_result
