@@ -66,6 +66,7 @@ class Shot:
     latency: float  # seconds; for -1 / -2 the time until the failure
     status: int  # HTTP status; -1 connection error, -2 no answer within the client timeout
     code: str = ""  # the JSON "error" of a non-200
+    connected: bool = False  # the request opened a new connection (connect + accept in its latency)
 
 
 class RawClient:
@@ -78,18 +79,19 @@ class RawClient:
         self.opened = 0
         self.stale_retries = 0
 
-    async def _exchange(self, payload: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, payload: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, whether a new connection was opened for it)."""
         while self.idle:  # a kept-alive connection the server closed meanwhile: retry on another,
             reader, writer = self.idle.pop()  # as HTTP clients do when nothing of the answer came
             try:
-                return await self._on(reader, writer, payload)
+                return (*await self._on(reader, writer, payload), False)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                     raise
                 self.stale_retries += 1
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=2**22)
         self.opened += 1
-        return await self._on(reader, writer, payload)
+        return (*await self._on(reader, writer, payload), True)
 
     async def _on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> tuple[int, bytes]:
         try:
@@ -119,7 +121,7 @@ class RawClient:
     async def send(self, payload: bytes, t0: float) -> Shot:
         sent = time.monotonic() - t0
         try:
-            status, body = await asyncio.wait_for(self._exchange(payload), self.timeout)
+            status, body, connected = await asyncio.wait_for(self._exchange(payload), self.timeout)
         except TimeoutError:
             return Shot(sent, time.monotonic() - t0 - sent, -2, "client timeout")
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -130,7 +132,7 @@ class RawClient:
                 code = json.loads(body).get("error", "")
             except ValueError:
                 code = "not-json"
-        return Shot(sent, time.monotonic() - t0 - sent, status, code)
+        return Shot(sent, time.monotonic() - t0 - sent, status, code, connected)
 
     def close(self) -> None:
         for _reader, writer in self.idle:
@@ -221,7 +223,7 @@ async def open_loop(port: int, payloads: list[bytes], rate: float, seconds: floa
             n += 1
             if n % 10 == 0:
                 try:
-                    _status, body = await asyncio.wait_for(probe._exchange(metrics_request), 5.0)
+                    _status, body, _new = await asyncio.wait_for(probe._exchange(metrics_request), 5.0)
                     for line in body.decode().splitlines():
                         if line.startswith("genclip_event_loop_lag_seconds "):
                             lags["server"].append(float(line.split()[1]))
@@ -389,7 +391,18 @@ def summarize(shots: list[Shot], deadline: float) -> dict:
         if s.code:
             codes[s.code] = codes.get(s.code, 0) + 1
     lat = {st: [s.latency * 1000 for s in shots if s.status == st] for st in statuses}
+    # where a 503's time goes: requests sent on a kept-alive connection against those that had
+    # to connect first (connect + accept by a busy loop), and per refusal code
+    split_503: dict[str, dict[str, float]] = {}
+    for label, keep in (("kept-alive", lambda s: not s.connected), ("new connection", lambda s: s.connected)):
+        v = [s.latency * 1000 for s in shots if s.status == 503 and keep(s)]
+        if v:
+            split_503[label] = {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99)}
+    for code in sorted({s.code for s in shots if s.status == 503}):
+        v = [s.latency * 1000 for s in shots if s.status == 503 and s.code == code]
+        split_503[code] = {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99)}
     return {
+        "latency_503_ms_by": split_503,
         "requests": len(shots),
         "statuses": dict(sorted(statuses.items())),
         "codes": dict(sorted(codes.items())),
@@ -430,6 +443,9 @@ def print_overload(transport: str, capacity: float, rate: float, summary: dict, 
           f"connections, {summary['stale_keepalive_retries']} retried after a kept-alive connection closed)")
     for st, lat in summary["latency_ms"].items():
         print(f"  {st}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
+    if summary["latency_503_ms_by"]:
+        print("  503 latency by " + "; ".join(f"{k}: n {v['n']}, p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms"
+                                              for k, v in summary["latency_503_ms_by"].items()))
     print_lags(summary)
     p99_503 = summary["latency_ms"].get(503, {}).get("p99", float("nan"))
     print(f"  200s {ok / seconds:.1f}/s = {ok / seconds / capacity:.2f} x capacity; slowest answer "

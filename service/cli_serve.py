@@ -70,12 +70,15 @@ def _load_detector_or_exit(settings: Settings, command: str) -> Any:
 
 def main_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
+    from service.gc_tuning import freeze_startup_heap
     from service.http_server import build_server
 
     settings = settings_from_args(args)
     _configure_logging(settings.log_level)
     detector = _load_detector_or_exit(settings, "serve") if settings.run_inline_worker else None
     app = create_app(settings, detector=detector)
+    frozen = freeze_startup_heap()  # no full GC pass over the model's heap while serving
+    log.info("start-up heap frozen: %d objects out of the collector's way", frozen)
     log.info(
         "serving on http://%s:%d (transport=%s, inline worker=%s)",
         settings.host, settings.port, settings.transport, settings.run_inline_worker,
@@ -85,6 +88,7 @@ def main_serve(args: argparse.Namespace) -> int:
 
 
 def main_worker(args: argparse.Namespace) -> int:
+    from service.gc_tuning import freeze_startup_heap
     from service.worker import serve_worker
 
     settings = settings_from_args(args)
@@ -93,6 +97,7 @@ def main_worker(args: argparse.Namespace) -> int:
         print("genclip worker: set GENCLIP_REDIS_URL or --redis-url", file=sys.stderr)
         return 2
     detector = _load_detector_or_exit(settings, "worker")
+    freeze_startup_heap()
     return asyncio.run(serve_worker(settings, detector))
 
 

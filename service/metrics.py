@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.gc_tuning import frozen_objects
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
@@ -21,7 +23,8 @@ class Metrics:
     API: ``genclip_http_requests_total{endpoint,method,status}``,
     ``genclip_request_latency_seconds{endpoint}`` (end to end, /inspect),
     ``genclip_queue_depth``, ``genclip_rejections_total{reason}``,
-    ``genclip_heatmap_render_seconds``, ``genclip_event_loop_lag_seconds``.
+    ``genclip_heatmap_render_seconds``, ``genclip_event_loop_lag_seconds``,
+    ``genclip_gc_frozen_objects`` (start-up heap kept out of full GC passes: :mod:`service.gc_tuning`).
     Worker (inline or ``genclip worker``): ``genclip_batch_size`` (jobs per detector call),
     ``genclip_model_latency_seconds`` (detector time per batch),
     ``genclip_queue_wait_seconds`` (admission to batch start),
@@ -56,6 +59,12 @@ class Metrics:
             "genclip_rejections", "Requests refused by admission control, by reason.",
             ["reason"], registry=r,
         )
+        self.gc_frozen = Gauge(
+            "genclip_gc_frozen_objects",
+            "Objects frozen after start-up (never scanned by full GC passes; 0 when not frozen).",
+            registry=r,
+        )
+        self.gc_frozen.set_function(frozen_objects)
         self.loop_lag = Gauge(
             "genclip_event_loop_lag_seconds",
             "How late the API's event loop runs (time requests wait before the app sees them).",

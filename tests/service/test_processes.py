@@ -179,6 +179,10 @@ def test_serve_over_real_http(served):
         assert big.status_code == 413 and big.json()["error"] == "payload_too_large"
         metrics = client.get("/metrics").text
         assert 'genclip_http_requests_total{endpoint="/inspect",method="POST",status="413"} 1.0' in metrics
+        # the start-up heap (model included) is frozen: no full GC pass over it while serving
+        frozen = float(next(line.split()[1] for line in metrics.splitlines()
+                            if line.startswith("genclip_gc_frozen_objects ")))
+        assert frozen > 10_000, frozen
         # and the server is still fine
         assert client.post("/inspect?heatmap=none", files=files(image_bytes(img))).status_code == 200
 
