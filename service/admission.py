@@ -58,6 +58,9 @@ class Admission:
         self.default_retry_ms = settings.retry_after_s * 1000
         self._cached: tuple[float, QueueLoad] | None = None
         self._refreshing: asyncio.Future[QueueLoad] | None = None
+        # uploads peek() let through since the cached load was read: they are on their way to
+        # the queue (body, parsing, decoding) but not in its depth yet
+        self._passed_since_load = 0
 
     async def _load(self, max_age_s: float) -> QueueLoad:
         """The queue's load, at most ``max_age_s`` old; concurrent callers share one refresh
@@ -67,14 +70,19 @@ class Admission:
             raise ServiceStarting("the service is starting")
         if self._cached is not None and time.monotonic() - self._cached[0] <= max_age_s:
             return self._cached[1]
+        return await asyncio.shield(self._start_refresh(queue))
+
+    def _start_refresh(self, queue: JobQueue) -> asyncio.Future[QueueLoad]:
+        """The refresh in flight, or a new one."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(queue.load())
             self._refreshing.add_done_callback(self._refreshed)
-        return await asyncio.shield(self._refreshing)
+        return self._refreshing
 
     def _refreshed(self, future: asyncio.Future[QueueLoad]) -> None:
         if not future.cancelled() and future.exception() is None:
             self._cached = (time.monotonic(), future.result())
+            self._passed_since_load = 0
 
     def limit(self, load: QueueLoad, remaining_s: float) -> int:
         """Depth at or above which a job with ``remaining_s`` of deadline is refused."""
@@ -93,7 +101,9 @@ class Admission:
             return self.default_retry_ms
         return int(min(RETRY_MAX_MS, max(RETRY_MIN_MS, 1000.0 * excess / rate)))
 
-    def decide(self, load: QueueLoad, remaining_s: float) -> Refusal | None:
+    def decide(self, load: QueueLoad, remaining_s: float, on_the_way: int = 0) -> Refusal | None:
+        """The verdict for one more job with ``remaining_s`` of deadline, ``on_the_way`` jobs
+        already admitted but not yet in ``load.depth``."""
         window = self.settings.heartbeat_ttl_s
         if not load.workers:
             return Refusal("no_worker", "no live detector worker", retry_after_ms=self.default_retry_ms)
@@ -104,23 +114,38 @@ class Admission:
                 retry_after_ms=self.default_retry_ms,
             )
         limit = self.limit(load, remaining_s)
-        if load.depth >= limit:
+        depth = load.depth + on_the_way
+        if depth >= limit:
             return Refusal(
                 "queue_full",
-                f"queue full: {load.depth} jobs waiting or in progress, admitting below {limit} "
+                f"queue full: {depth} jobs waiting, in progress or on their way, admitting below {limit} "
                 f"(what the workers can answer within the deadline)",
-                retry_after_ms=self.retry_after_ms(load, load.depth - limit + 1),
+                retry_after_ms=self.retry_after_ms(load, depth - limit + 1),
             )
         return None
 
     def peek(self) -> Refusal | None:
         """The verdict for a request arriving now from the last known load, without waiting for
         Redis: a refusal only while that load is fresh (at most :data:`PRECHECK_MAX_AGE_S` old),
-        else ``None`` (the full :meth:`precheck` decides, and refreshes the load)."""
+        else ``None`` (the full :meth:`precheck` decides, and refreshes the load).
+
+        The uploads let through since that load was read count as queued: without them, at a
+        high arrival rate every request of the cache's lifetime passes here while the queue
+        sits one below its limit, and is refused later by :meth:`submit`, after its body was
+        read, parsed and decoded: the slow 503s of an overload."""
         cached = self._cached
-        if cached is None or time.monotonic() - cached[0] > PRECHECK_MAX_AGE_S:
+        age = time.monotonic() - cached[0] if cached is not None else math.inf
+        queue = self._queue()
+        if age > PRECHECK_MAX_AGE_S / 2 and queue is not None:
+            # refresh ahead, so that under traffic the next requests find a fresh load here and
+            # are not sent to the slower precheck (an ASGI task waiting for the refresh)
+            self._start_refresh(queue)
+        if cached is None or age > PRECHECK_MAX_AGE_S:
             return None
-        return self.decide(cached[1], self.settings.job_timeout_s)
+        refusal = self.decide(cached[1], self.settings.job_timeout_s, self._passed_since_load)
+        if refusal is None:
+            self._passed_since_load += 1
+        return refusal
 
     async def precheck(self, scope: MutableMapping[str, Any]) -> Refusal | None:
         """Before the body is read (upload guard): refusal, or ``None`` to go on."""

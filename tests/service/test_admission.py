@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 
 from svc_fakes import EchoDetector
 from svc_helpers import app_client, files, image_bytes, metric_value, noise, settings_for
@@ -56,6 +57,25 @@ def test_admission_policy_units():
     assert adm.decide(_load(3, warming), 10) is None  # a first batch may take up to the deadline
     cold = WorkerProgress(progress_age_s=11.0, busy_s=11.0, rate=None, batch_s=None)
     assert adm.decide(_load(3, cold), 10).code == "stalled"
+
+
+def test_early_gate_counts_the_uploads_it_let_through_since_the_load_was_read():
+    """peek() decides from a cached load; the uploads it passed meanwhile are on their way to
+    the queue, so it lets through only what fits, not every request of the cache's lifetime."""
+    settings = settings_for(queue_max_depth=10, job_timeout_s=10, admission_headroom=0.8, heartbeat_ttl_s=2.0)
+    adm = Admission(settings, lambda: None, Metrics())
+    idle = WorkerProgress(progress_age_s=0.1, busy_s=None, rate=None, batch_s=None)
+    assert adm.peek() is None  # nothing known yet: the full precheck decides
+    done: Future = Future()
+    done.set_result(_load(7, idle))
+    adm._refreshed(done)  # a fresh load: 7 queued, limit 10
+    verdicts = [adm.peek() for _ in range(5)]
+    assert [v is None for v in verdicts] == [True, True, True, False, False]
+    assert verdicts[3].code == "queue_full" and "on their way" in verdicts[3].message
+    fresh: Future = Future()
+    fresh.set_result(_load(8, idle))
+    adm._refreshed(fresh)  # the next load includes what arrived: the count starts again
+    assert adm.peek() is None and adm.peek() is None and adm.peek().code == "queue_full"
 
 
 async def test_admits_only_what_the_workers_answer_within_the_deadline():
