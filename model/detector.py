@@ -102,6 +102,7 @@ class Detector(Protocol):
         images: Sequence[Image.Image],
         class_names: Sequence[str | None] | None = None,
         references: Sequence[FewShotReference | None] | None = None,
+        map_size: int | None = None,
     ) -> list[Inspection]:
         """Score a batch.
 
@@ -110,9 +111,13 @@ class Detector(Protocol):
             class_names: B optional product names (``None`` entries mean unknown).
             references: B optional few-shot references (``None`` entries: zero-shot only).
                 Different images may carry different banks.
+            map_size: return every map as (map_size, map_size), taken from the model's square
+                map directly (evaluation: masks are compared on that grid), instead of
+                (H_i, W_i); ``None``: the image's size.
 
         Returns:
-            B inspections, in input order; each map is (H_i, W_i) of image i. A referenced
+            B inspections, in input order; each map is (H_i, W_i) of image i (or
+            (map_size, map_size)). A referenced
             image's map and score are the fused ones, and its ``component_scores`` gain
             ``{"zero_shot": s0, "few_shot": s1}``.
 

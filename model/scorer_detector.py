@@ -80,6 +80,7 @@ class ScorerDetector:
         images: Sequence[Image.Image],
         class_names: Sequence[str | None] | None = None,
         references: Sequence[FewShotReference | None] | None = None,
+        map_size: int | None = None,
     ) -> list[Inspection]:
         if not images:
             return []
@@ -103,7 +104,8 @@ class ScorerDetector:
         inspections = []
         for index, image in enumerate(images):
             width, height = image.size
-            full = upsample(maps[index : index + 1], (height, width))[0].clamp_(0.0, 1.0)
+            target = (map_size, map_size) if map_size else (height, width)
+            full = upsample(maps[index : index + 1], target)[0].clamp_(0.0, 1.0)
             inspections.append(
                 Inspection(
                     score=float(scores_list[index]),
