@@ -113,8 +113,9 @@ def attach_runtime(config: DetectorConfig, scorer: AnomalyScorer) -> AnomalyScor
         calibration_images=images,
         calibration_size=config.calibration_size,
         threads=config.threads,
+        attach=True,  # sets the runtime and frees the torch vision blocks before compiling
     )
-    scorer.backbone.set_vision_runtime(runtime)
+    assert scorer.backbone.vision_runtime is runtime
     return scorer
 
 

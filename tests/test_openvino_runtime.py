@@ -125,6 +125,26 @@ def test_tiny_int8_keeps_maps_and_score_ranking(tiny_outputs: dict[str, tuple[np
     assert not np.array_equal(tiny_outputs["openvino-fp32"][0], tiny_outputs["openvino-int8"][0])  # really int8
 
 
+def test_serving_detector_frees_the_torch_vision_blocks(cache_dir: Path) -> None:
+    """The factory's OpenVINO detector holds no torch copy of the vision blocks (they would only
+    cost memory), keeps ln_post / proj for the post-processing, and still inspects."""
+    detector = build_detector(tiny_config(cache_dir, runtime="openvino"))
+    backbone = detector.scorer.backbone
+    visual = backbone.clip.visual
+    freed = [visual.conv1.weight, visual.class_embedding, visual.positional_embedding,
+             *visual.ln_pre.parameters(), *visual.transformer.parameters()]
+    assert freed and all(p.is_meta for p in freed)
+    assert not visual.proj.is_meta and not any(p.is_meta for p in visual.ln_post.parameters())
+    assert not any(p.is_meta for p in backbone.clip.transformer.parameters())  # the text tower stays
+    assert (backbone.vision_width, backbone.num_blocks, backbone.patch_size) == (
+        visual.conv1.out_channels, len(visual.transformer.resblocks), visual.patch_size[0])
+    result = detector.inspect(synthetic_set(64, good_per_category=1)[:2])
+    assert len(result) == 2 and all(np.isfinite(r.score) for r in result)
+    with pytest.raises(RuntimeError, match="set another runtime first"):
+        backbone.set_vision_runtime(TorchVisionRuntime(visual))
+        backbone.release_torch_vision_blocks()
+
+
 @pytest.mark.slow
 def test_random_vit_b16_openvino_fp32_and_int8(tmp_path: Path) -> None:
     """A real architecture (ViT-B-16, random weights), baseline detector; 112 px (7x7 grid) keeps it cheap."""
