@@ -71,7 +71,7 @@ def main() -> None:
                              "so each peak RSS is that detector's own)")
     args = parser.parse_args()
     if args.runtime == "openvino":
-        from bench.bench_runtime import run as run_runtime_comparison
+        from bench_runtime import run as run_runtime_comparison  # bench/ is on sys.path as the script's folder
 
         run_runtime_comparison(args)
         return

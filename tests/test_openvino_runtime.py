@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -418,3 +419,17 @@ def test_predict_without_openvino_stops_with_the_install_hint(
                  "--backbone-weights", "random", "--runtime", "openvino"])
     assert code == 2
     assert "pip install 'genclip-inspect[openvino]'" in capsys.readouterr().err
+
+
+def test_bench_model_runs_the_runtime_comparison(tmp_path: Path) -> None:
+    """``python bench/bench_model.py --runtime openvino`` (the issue's command) runs end to end."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "bench/bench_model.py", "--runtime", "openvino", "--precision", "int8",
+         "--backbone", TINY.model_name, "--image-size", "64", "--batches", "1", "--repeats", "1",
+         "--no-serving-rss", "--cache-dir", str(tmp_path / "ir"), "--json", str(tmp_path / "r.json")],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "openvino-int8" in result.stdout and "Pearson" in result.stdout
+    assert (tmp_path / "r.json").exists()
