@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_service import free_port, make_images, rss_mb  # noqa: E402
+from bench_service import free_port, make_images, redis_server_command, rss_mb  # noqa: E402
 
 BOUNDARY = "genclipbenchboundary"
 
@@ -350,13 +349,9 @@ def start_stack(transport: str, args: argparse.Namespace) -> Stack:
     port = free_port()
     stack = Stack(transport, port, api=None)  # type: ignore[arg-type]
     if transport == "redis":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not installed")
         stack.tmp = tempfile.TemporaryDirectory()
         rport = free_port()
-        stack.redis_args = [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                            "--dir", stack.tmp.name]
+        stack.redis_args = redis_server_command(rport, stack.tmp.name)
         stack.start_redis()
         env["GENCLIP_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         time.sleep(0.3)

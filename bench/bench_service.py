@@ -51,6 +51,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def redis_server_command(port: int, folder: str) -> list[str]:
+    """A private redis-server on 127.0.0.1:``port`` that keeps nothing on disk."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not installed")
+    return [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder]
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -221,14 +229,9 @@ def start_stack(model: str, transport: str, args: argparse.Namespace, depth: int
     stack = Stack(base="")
     log = subprocess.DEVNULL
     if transport == "redis":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not installed")
         stack.tmp = tempfile.TemporaryDirectory()
         rport = free_port()
-        stack.procs.append(subprocess.Popen(
-            [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", stack.tmp.name], stdout=log, stderr=log))
+        stack.procs.append(subprocess.Popen(redis_server_command(rport, stack.tmp.name), stdout=log, stderr=log))
         env["GENCLIP_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         mport = free_port()
         wenv = dict(env, GENCLIP_WORKER_METRICS_PORT=str(mport), GENCLIP_WORKER_ID="bench-worker")

@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["freeze_startup_heap", "frozen_objects"]
+__all__ = ["freeze_startup_heap"]
 
 
 def freeze_startup_heap() -> int:
     """Collect once, then freeze every object still alive; returns how many are frozen."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
-
-
-def frozen_objects() -> int:
-    """Objects in the permanent generation (``genclip_gc_frozen_objects`` in /metrics)."""
     return gc.get_freeze_count()

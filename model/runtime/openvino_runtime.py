@@ -226,14 +226,14 @@ def _finish(backbone: ClipBackbone, model: Any, threads: int | None, attach: boo
             layers: Sequence[int], precision: str, path: Path, built: bool,
             seconds: float = 0.0) -> OpenVinoVisionRuntime:
     """Compile ``model``; with ``attach``, free the torch blocks first and set the runtime."""
-    if not attach:
-        return OpenVinoVisionRuntime(compile_ir(model, threads), image_size, layers, precision, path, built, seconds)
-    # from here on the torch blocks are gone: if compiling fails, the backbone cannot run images
-    backbone.set_vision_runtime(_NotCompiled())
-    freed = backbone.release_torch_vision_blocks()
-    log.info("torch vision blocks freed (%.2f GB): the OpenVINO IR runs them", freed / 1024**3)
+    if attach:
+        # from here on the torch blocks are gone: if compiling fails, the backbone cannot run images
+        backbone.set_vision_runtime(_NotCompiled())
+        freed = backbone.release_torch_vision_blocks()
+        log.info("torch vision blocks freed (%.2f GB): the OpenVINO IR runs them", freed / 1024**3)
     runtime = OpenVinoVisionRuntime(compile_ir(model, threads), image_size, layers, precision, path, built, seconds)
-    backbone.set_vision_runtime(runtime)
+    if attach:
+        backbone.set_vision_runtime(runtime)
     return runtime
 
 
