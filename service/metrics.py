@@ -6,10 +6,10 @@ A registry per instance (not the global default) keeps several apps in one proce
 
 from __future__ import annotations
 
-import gc
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.gc_tuning import frozen_objects
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
@@ -64,7 +64,7 @@ class Metrics:
             "Objects frozen after start-up (never scanned by full GC passes; 0 when not frozen).",
             registry=r,
         )
-        self.gc_frozen.set_function(gc.get_freeze_count)
+        self.gc_frozen.set_function(frozen_objects)
         self.loop_lag = Gauge(
             "genclip_event_loop_lag_seconds",
             "How late the API's event loop runs (time requests wait before the app sees them).",
