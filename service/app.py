@@ -30,7 +30,7 @@ from service.schemas import COMMON_ERROR_RESPONSES
 from service.settings import MULTIPART_OVERHEAD, Settings
 from service.state import ServiceState
 from service.thresholds import Thresholds
-from service.upload_guard import Refusal, UploadGuard, UploadRoute
+from service.upload_guard import Refusal, UploadGuard, UploadRoute, UploadSlots, UploadTicket
 
 API_VERSION = "1.0.0"
 # Time a good-photo upload may spend validating and storing its photos (beyond the body read
@@ -106,13 +106,15 @@ def create_app(
     app.state.metrics = metrics
     app.state.thresholds = thresholds
 
+    slots = UploadSlots(settings.inflight_limit)
+    app.state.upload_slots = slots
     app.add_middleware(
         UploadGuard,
         routes=upload_routes(settings),
         authorize=auth.check_scope,
         error_body=error_body,
         admit=state.admission.precheck,
-        max_inflight=settings.inflight_limit,
+        slots=slots,
         retry_after_ms=settings.retry_after_s * 1000,
         on_reject=lambda reason: metrics.rejections.labels(reason).inc(),
     )
@@ -136,11 +138,14 @@ def create_app(
     admitted_routes = [route for route in upload_routes(settings) if route.admit]
     patterns = [(route.method, route.pattern()) for route in admitted_routes]
 
-    def early_admission(method: str, path: str) -> Refusal | None:
-        """For the HTTP protocol: refuse an upload from its headers while the queue is known full."""
-        if any(method == m and pattern.match(path) for m, pattern in patterns):
-            return state.admission.peek()
-        return None
+    def early_admission(method: str, path: str) -> Refusal | UploadTicket | None:
+        """For the HTTP protocol: refuse an upload from its headers while no upload slot is free
+        or the queue is known full; else let it through with a ticket on the slots."""
+        if not any(method == m and pattern.match(path) for m, pattern in patterns):
+            return None
+        if slots.full():
+            return slots.refusal(settings.retry_after_s * 1000)
+        return state.admission.peek() or slots.ticket()
 
     app.state.record_early_answer = record_early_answer
     app.state.early_admission = early_admission

@@ -23,8 +23,9 @@ act before an ASGI app exists for the request or after it stopped reading:
   there is, so that shedding itself cannot overload the process. ``/health``, ``/ready`` and
   ``/metrics`` are never shed. This replaces uvicorn's ``limit_concurrency``, which counts
   idle kept-alive connections as load and answers in plain text.
-* **early admission**: the app may hand the protocol a ``gate`` (its admission control's
-  last known verdict, :meth:`service.admission.Admission.peek`): while the queue is known to be
+* **early admission**: the app may hand the protocol a ``gate`` (its upload slots and its
+  admission control's last known verdict, :meth:`service.admission.Admission.peek`): while no
+  upload slot is free (:class:`service.upload_guard.UploadSlots`) or the queue is known to be
   full, an upload is refused from its headers alone, without an ASGI task, middleware or
   multipart parsing, so that refusing twice the capacity costs little CPU.
 * **arrival time**: each request is stamped when its first byte is parsed, minus the loop's
@@ -58,6 +59,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.errors import error_body, retry_after_headers
 from service.settings import Settings
+from service.upload_guard import TICKET_KEY, Refusal, UploadTicket
 
 PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
 MAX_HEADER_BYTES = 64 * 1024
@@ -148,7 +150,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     limits: ClassVar[HttpLimits]
     loop_lag: ClassVar[LoopLag]
     observer: ClassVar[Callable[[str, str, int, str], None] | None] = None
-    gate: ClassVar[Callable[[str, str], Any] | None] = None
+    gate: ClassVar[Callable[[str, str], Refusal | UploadTicket | None] | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -162,6 +164,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_deadline = 0.0
         self._last_body = 0.0
         self._discarding = False  # answered from the headers; the body is read and dropped
+        self._ticket: UploadTicket | None = None  # the early gate let the current upload through
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -171,7 +174,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._end_ticket()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._end_ticket()
+        super().on_response_complete()
+
+    def _end_ticket(self) -> None:
+        if self._ticket is not None:
+            self._ticket.done()
+            self._ticket = None
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
@@ -238,10 +251,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if path not in self.limits.exempt_paths:
             refusal = self._overload(chunked or bool(length))
             if refusal is None and type(self).gate is not None:
-                # the app's admission, from its last known queue state
+                # the app's admission: free upload slots, the last known queue state
                 early = type(self).gate(self.parser.get_method().decode("ascii", "replace"), path.decode("latin-1"))
-                if early is not None:
+                if isinstance(early, Refusal):
                     refusal = (early.status, early.code, early.message, early.retry_after_ms)
+                elif early is not None:  # let through: counted against the slots once its body is in
+                    self._ticket = early
+                    self.scope[TICKET_KEY] = early  # type: ignore[literal-required]
             elif refusal is not None:
                 refusal = (503, "overloaded", refusal, self.limits.retry_after_ms)
             if refusal is not None:
@@ -292,6 +308,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._expect_body:
             self._expect_body = False
             self._disarm()
+        if self._ticket is not None:
+            self._ticket.arrived()
         if self._discarding:  # the request answered from its headers is fully read: next one
             self._discarding = False
             self.server_state.total_requests += 1
@@ -461,12 +479,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 def protocol_class(limits: HttpLimits, observer: Callable[[str, str, int, str], None] | None = None,
-                   gate: Callable[[str, str], Any] | None = None) -> type[GuardedHttpProtocol]:
+                   gate: Callable[[str, str], Refusal | UploadTicket | None] | None = None
+                   ) -> type[GuardedHttpProtocol]:
     """A :class:`GuardedHttpProtocol` subclass bound to ``limits`` (one per server).
 
     ``observer(method, path, status, code)`` is told of every answer the protocol gives itself;
-    ``gate(method, path)`` may refuse a request from its headers (an object with ``status``,
-    ``code``, ``message``, ``retry_after_ms``, e.g. :class:`service.upload_guard.Refusal`).
+    ``gate(method, path)`` may refuse a request from its headers (a
+    :class:`service.upload_guard.Refusal`), or let an upload through with a
+    :class:`service.upload_guard.UploadTicket` (put in the scope; told when its body has
+    arrived and when the request is over), or ``None``.
     """
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
         "limits": limits, "loop_lag": LoopLag(),

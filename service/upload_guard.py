@@ -12,7 +12,11 @@ For a request to one of them, in order:
 5. once the whole body has arrived, the request takes an in-flight slot (503 ``overloaded``
    when ``max_inflight`` are being processed). Uploads still arriving hold no slot: slow
    clients cannot starve the others (the HTTP protocol times them out, see
-   :mod:`service.http_server`);
+   :mod:`service.http_server`). The slots (:class:`UploadSlots`) are shared with the HTTP
+   protocol's early gate, which refuses an upload from its headers while none is free; an
+   upload it let through carries an :class:`UploadTicket` and counts against the slots from the
+   moment its body has arrived until it takes (or is refused) a slot here, so that a burst
+   arriving faster than the app runs sees the slots it will need;
 6. a route with a deadline is answered by then whatever it waits for (queues, thread pools,
    Redis): past it (plus a short grace) the route is cancelled and the guard answers 504, or
    408 (connection closed) when the client had not finished sending its body.
@@ -54,6 +58,57 @@ class Refusal:
     message: str
     status: int = 503
     retry_after_ms: int | None = None
+
+
+class UploadSlots:
+    """The in-flight slots of the upload routes of one API process (``limit``; 0 = no limit).
+
+    ``held``: uploads being processed (whole body arrived, slot taken by the guard);
+    ``arrived``: uploads whose body has arrived but whose app has not reached the guard's slot
+    check yet (counted by their :class:`UploadTicket`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.arrived = 0
+
+    def full(self) -> bool:
+        """No slot left for one more upload (held and on their way to one)."""
+        return self.limit > 0 and self.held + self.arrived >= self.limit
+
+    def refusal(self, retry_after_ms: int) -> Refusal:
+        return Refusal("overloaded", f"{self.held} uploads in progress and {self.arrived} arrived, "
+                       f"the limit is {self.limit}", retry_after_ms=retry_after_ms)
+
+    def ticket(self) -> UploadTicket:
+        return UploadTicket(self)
+
+
+class UploadTicket:
+    """An upload the early gate let through (see :class:`UploadSlots`). The HTTP protocol calls
+    :meth:`arrived` once the body is in and :meth:`done` when the connection ends; the guard
+    calls :meth:`done` when it takes or refuses the slot. Both are idempotent."""
+
+    __slots__ = ("_slots", "_state")
+
+    def __init__(self, slots: UploadSlots) -> None:
+        self._slots = slots
+        self._state = 0  # 0 let through, 1 body arrived (counted), 2 done
+
+    def arrived(self) -> None:
+        if self._state == 0:
+            self._state = 1
+            self._slots.arrived += 1
+
+    def done(self) -> None:
+        if self._state == 1:
+            self._slots.arrived -= 1
+        self._state = 2
+
+
+# where the HTTP protocol puts the request's UploadTicket in the ASGI scope
+TICKET_KEY = "genclip.upload_ticket"
 
 
 @dataclass(frozen=True)
@@ -123,7 +178,7 @@ class UploadGuard:
         authorize: Callable[[Scope], tuple[int, bytes, list] | None],
         error_body: Callable[..., bytes],
         admit: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
-        max_inflight: int = 0,
+        slots: UploadSlots | None = None,
         retry_after_ms: int = 1000,
         on_reject: Callable[[str], None] | None = None,
         drain_seconds: float = 3.0,
@@ -133,11 +188,10 @@ class UploadGuard:
         self.authorize = authorize
         self.error_body = error_body
         self.admit = admit
-        self.max_inflight = max_inflight
+        self.slots = slots or UploadSlots(0)
         self.retry_after_ms = retry_after_ms
         self.on_reject = on_reject or (lambda reason: None)
         self.drain_seconds = drain_seconds
-        self.inflight = 0
 
     def _route(self, scope: Scope) -> UploadRoute | None:
         for route, pattern in self.routes:
@@ -156,6 +210,9 @@ class UploadGuard:
             else:
                 await self._guarded(route, scope, receive, send)
         finally:
+            ticket = scope.get(TICKET_KEY)
+            if ticket is not None:  # refused before its slot (auth, type, size, admission) or done
+                ticket.done()
             release_request(scope)
 
     async def _refuse(self, send: Send, status: int, code: str, message: str, headers: Sequence = (),
@@ -216,6 +273,7 @@ class UploadGuard:
         received = 0
         holding = False
         body_done = False
+        ticket: UploadTicket | None = scope.get(TICKET_KEY)
 
         async def guarded_receive() -> Message:
             nonlocal received, holding, body_done
@@ -230,12 +288,15 @@ class UploadGuard:
                 raise BodyTooLarge(f"request body passed the limit of {limit} bytes")
             if not message.get("more_body", False) and not holding:
                 # the whole body is here: from now on the request costs memory and CPU
-                if self.max_inflight and self.inflight >= self.max_inflight:
+                slots = self.slots
+                if ticket is not None:
+                    ticket.done()
+                if slots.limit and slots.held >= slots.limit:
                     self.on_reject("overloaded")
                     raise ApiError(503, "overloaded",
-                                   f"{self.inflight} uploads in progress, the limit is {self.max_inflight}",
+                                   f"{slots.held} uploads in progress, the limit is {slots.limit}",
                                    retry_after_ms=self.retry_after_ms)
-                self.inflight += 1
+                slots.held += 1
                 holding = True
             return message
 
@@ -269,7 +330,7 @@ class UploadGuard:
                                    f"no answer within the request deadline ({route.deadline_s:g} s)")
         finally:
             if holding:
-                self.inflight -= 1
+                self.slots.held -= 1
 
     async def _drain(self, receive: Receive, already: int, max_bytes: int) -> None:
         """Read and discard a body that passed the limit (bounded in bytes and time), so the

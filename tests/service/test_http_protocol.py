@@ -259,3 +259,75 @@ def test_full_queue_refuses_uploads_from_their_headers():
     assert metric_value(metrics, "genclip_http_requests_total", {"endpoint": "/inspect", "status": "503"}) == 4
     handled_by_app = metric_value(metrics, "genclip_request_latency_seconds_count", {"endpoint": "/inspect"})
     assert handled_by_app <= 2 + 1 + 2 + 1, "at least one refusal never reached the app"
+
+
+def test_full_upload_slots_refuse_uploads_from_their_headers():
+    """While every upload slot is held, the protocol refuses an upload from its headers
+    (``overloaded``, kept-alive, the app never runs); once the slots free, the same connection is
+    served, and no slot or ticket is left counted."""
+    echo = EchoDetector()
+    echo.release = threading.Event()
+    settings = settings_for(max_batch=1, queue_max_depth=50, max_inflight_requests=2, http_max_loop_lag_ms=0,
+                            retry_after_s=1)
+    data, ctype = multipart([("image", "a.png", image_bytes(noise(8, 8)), "image/png")])
+    upload = post_head("/inspect", ctype, len(data)) + data
+    with live_server(settings, detector=echo) as (base, app, _srv):
+        slots = app.state.upload_slots
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                held = [asyncio.create_task(client.post("/inspect", files=files(image_bytes(noise(8, 8, i)))))
+                        for i in range(2)]
+                while slots.held < 2:
+                    await asyncio.sleep(0.01)
+                sock = await asyncio.to_thread(connect, base)
+                refused = []
+                for _ in range(3):
+                    await asyncio.to_thread(sock.sendall, upload)
+                    refused.append(await asyncio.to_thread(read_response, sock))
+                echo.release.set()
+                done = await asyncio.gather(*held)
+                await asyncio.to_thread(sock.sendall, upload)
+                served = await asyncio.to_thread(read_response, sock)
+                sock.close()
+                return refused, done, served, (await client.get("/metrics")).text
+
+        refused, done, served, metrics = asyncio.run(scenario())
+        counted = (slots.held, slots.arrived)
+    for r in refused:
+        body = assert_json_error(r, 503, "overloaded")
+        assert "limit is 2" in body["message"] and r.headers["retry-after-ms"] == "1000"
+        assert not r.closed and r.headers.get("connection") != "close"
+    assert metric_value(metrics, "genclip_rejections_total", {"reason": "overloaded"}) == 3
+    # the app saw the two held uploads and the last one, never the three refusals
+    assert metric_value(metrics, "genclip_request_latency_seconds_count", {"endpoint": "/inspect"}) == 3
+    assert [r.status_code for r in done] == [200, 200]
+    assert served.status == 200, served.body
+    assert counted == (0, 0), counted
+
+
+def test_uploads_let_through_count_against_the_slots_once_their_body_is_in():
+    """The early gate's tickets: an upload let through counts from the moment its body has
+    arrived (a burst that arrives before the app runs cannot overfill the slots) until the guard
+    takes its slot or the request ends; an upload still arriving counts nothing."""
+    from service.app import create_app
+    from service.upload_guard import Refusal, UploadTicket
+
+    app = create_app(settings_for(max_inflight_requests=2), detector=EchoDetector())
+    gate, slots = app.state.early_admission, app.state.upload_slots
+    assert gate("GET", "/inspections") is None  # not an upload route: no opinion
+    first, second, slow = (gate("POST", "/inspect") for _ in range(3))
+    assert all(isinstance(t, UploadTicket) for t in (first, second, slow))
+    first.arrived()
+    second.arrived()
+    second.arrived()  # idempotent
+    refused = gate("POST", "/inspect")
+    assert isinstance(refused, Refusal) and refused.code == "overloaded" and "2 arrived" in refused.message
+    assert slots.arrived == 2
+    first.done()  # its request was refused or answered before taking a slot
+    first.done()
+    assert slots.arrived == 1 and isinstance(gate("POST", "/inspect"), UploadTicket)
+    slow.done()  # never arrived: never counted
+    assert slots.arrived == 1
+    second.done()
+    assert (slots.held, slots.arrived) == (0, 0)
