@@ -29,6 +29,7 @@ log = logging.getLogger("service")
 
 SERVE_SETTINGS = ("host", "port", "workers_inline", "queue_max_depth", "job_timeout_s", "thresholds_file",
                   "max_inflight_requests", "http_max_requests", "http_max_loop_lag_ms", "http_backlog",
+                  "http_listen_sockets",
                   "header_timeout_s", "body_timeout_s", "body_idle_timeout_s", "max_decoded_bytes",
                   "decoded_bytes_budget")
 WORKER_SETTINGS = ("worker_id", "worker_metrics_port")

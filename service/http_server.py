@@ -42,7 +42,8 @@ nor has to reconnect (reconnecting at the overload rate is what overflows the ke
 queue). Other answers given by the protocol close the connection gracefully ("lingering
 close": the response is written, the write side shut down, and what the client still sends is
 read and discarded for up to :data:`LINGER_S`). The backlog of connections the kernel holds
-before the server accepts them is bounded (``http_backlog``).
+before the server accepts them is bounded (``http_backlog``), and the server listens on several
+sockets so that it accepts them as fast as they arrive (:mod:`service.http_listeners`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.errors import error_body, retry_after_headers
+from service.http_listeners import ListenerServer
 from service.settings import Settings
 from service.upload_guard import TICKET_KEY, Refusal, UploadTicket
 
@@ -516,6 +518,7 @@ def build_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Conf
     return uvicorn.Config(app, **options)
 
 
-def build_server(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Server:
-    """The ``uvicorn.Server`` that ``genclip serve`` runs (``server.run()`` blocks)."""
-    return uvicorn.Server(build_config(app, settings, **overrides))
+def build_server(app: Any, settings: Settings, **overrides: Any) -> ListenerServer:
+    """The ``uvicorn.Server`` that ``genclip serve`` runs (``server.run()`` blocks), listening on
+    ``http_listen_sockets`` sockets (:mod:`service.http_listeners`)."""
+    return ListenerServer(build_config(app, settings, **overrides), settings.http_listen_sockets)

@@ -388,6 +388,14 @@ class Settings(BaseSettings):
         ge=1,
         description="HTTP: listen backlog (connections accepted by the kernel, not yet by the server).",
     )
+    http_listen_sockets: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="HTTP: listening sockets on the port (`SO_REUSEPORT`, Linux; 1 = a single socket). "
+        "The event loop accepts one connection per socket per iteration: with several, a burst of new "
+        "connections is not left waiting in the kernel's accept queue while the server is busy.",
+    )
     cpu_threads: int = Field(
         2,
         ge=1,
