@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 
 import uvicorn
 
@@ -31,8 +32,9 @@ __all__ = ["ListenerServer", "bind_listeners", "reuseport_supported"]
 
 
 def reuseport_supported() -> bool:
-    """Whether this platform spreads connections over ``SO_REUSEPORT`` sockets (Linux does)."""
-    return hasattr(socket, "SO_REUSEPORT") and socket.SO_REUSEPORT is not None
+    """Whether this platform spreads new connections over ``SO_REUSEPORT`` sockets: Linux does
+    (BSD and macOS have the option but hand connections to one socket of the group)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 def _socket_for(host: str) -> socket.socket:
