@@ -348,8 +348,12 @@ def start_stack(transport: str, args: argparse.Namespace) -> Stack:
         env["GENCLIP_IMAGE_SIZE"] = str(args.image_size)
     port = free_port()
     stack = Stack(transport, port, api=None)  # type: ignore[arg-type]
+    # a fresh database and records folder each run (not the repository's ./genclip.db and
+    # ./records, whose size would change what a run measures)
+    stack.tmp = tempfile.TemporaryDirectory(prefix="bench-overload-")
+    env["GENCLIP_DATABASE_URL"] = f"sqlite:///{stack.tmp.name}/genclip.db"
+    env["GENCLIP_RECORDS_DIR"] = f"{stack.tmp.name}/records"
     if transport == "redis":
-        stack.tmp = tempfile.TemporaryDirectory()
         rport = free_port()
         stack.redis_args = redis_server_command(rport, stack.tmp.name)
         stack.start_redis()

@@ -228,8 +228,11 @@ def start_stack(model: str, transport: str, args: argparse.Namespace, depth: int
         env.pop(key, None)
     stack = Stack(base="")
     log = subprocess.DEVNULL
+    # a fresh database and records folder each run (not the repository's defaults)
+    stack.tmp = tempfile.TemporaryDirectory(prefix="bench-service-")
+    env["GENCLIP_DATABASE_URL"] = f"sqlite:///{stack.tmp.name}/genclip.db"
+    env["GENCLIP_RECORDS_DIR"] = f"{stack.tmp.name}/records"
     if transport == "redis":
-        stack.tmp = tempfile.TemporaryDirectory()
         rport = free_port()
         stack.procs.append(subprocess.Popen(redis_server_command(rport, stack.tmp.name), stdout=log, stderr=log))
         env["GENCLIP_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"

@@ -15,11 +15,13 @@ blocks (file I/O, encoding): the recorder runs them on a thread of its own.
 
 from __future__ import annotations
 
+import heapq
 import io
 import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 KEEP_NONE, KEEP_ANOMALOUS, KEEP_ALL = "none", "anomalous", "all"
 THUMB_JPEG_QUALITY = 85
 CAP_LOW_WATER = 0.9  # after the cap is passed, delete down to this fraction of it
+# enforce_cap orders a day's files oldest first in sorted runs of this many, merged lazily: one
+# sort of a whole day (160 000 files in a measured run) is a single C call that held the GIL,
+# and so the API's event loop, for 180 ms (found with perf under bench/bench_overload.py)
+SORT_RUN = 4096
 
 MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff"}
 
@@ -172,14 +178,15 @@ class MediaStore:
         target = int(self.max_bytes * CAP_LOW_WATER)
         freed = 0
         for folder in self._day_dirs():
-            entries = sorted((e for e in os.scandir(folder) if e.is_file(follow_symlinks=False)),
-                             key=lambda e: (e.stat().st_mtime_ns, e.name))
-            for entry in entries:
+            with os.scandir(folder) as listing:
+                files = [(e.stat(follow_symlinks=False).st_mtime_ns, e.name, e.path) for e in listing
+                         if e.is_file(follow_symlinks=False)]
+            for _mtime, _name, path in _oldest_first(files):
                 if total - freed <= target:
                     break
-                size = entry.stat().st_size
                 try:
-                    os.unlink(entry.path)
+                    size = os.stat(path).st_size
+                    os.unlink(path)
                 except OSError:
                     continue
                 freed += size
@@ -199,3 +206,10 @@ class MediaStore:
         self.scan()
         if self.max_bytes and self._bytes > self.max_bytes:
             self.enforce_cap()
+
+
+def _oldest_first(files: list[tuple[int, str, str]]) -> Iterator[tuple[int, str, str]]:
+    """``files`` (mtime_ns, name, path) in ascending order: sorted in runs of :data:`SORT_RUN`,
+    merged lazily, so that the thread holds the GIL for one short sort at a time."""
+    runs = [sorted(files[i:i + SORT_RUN]) for i in range(0, len(files), SORT_RUN)]
+    return heapq.merge(*runs)

@@ -68,3 +68,17 @@ def test_size_cap_deletes_the_oldest_first(tmp_path) -> None:
     assert present[-1] and present[-2] and not present[0], present
     first_kept = present.index(True)
     assert all(present[first_kept:]), "only the oldest are deleted"
+
+
+def test_size_cap_orders_oldest_first_across_sort_runs(tmp_path, monkeypatch) -> None:
+    """The cap sorts a day's files in short runs (no single GIL-holding sort of a whole day)
+    merged lazily: the order, and so what is deleted, is the same as one sort."""
+    import random
+
+    import service.records.media as media_module
+
+    rng = random.Random(0)
+    files = [(rng.randrange(50), f"n{rng.randrange(10**6)}", f"/p/{i}") for i in range(1000)]
+    monkeypatch.setattr(media_module, "SORT_RUN", 7)
+    assert list(media_module._oldest_first(files)) == sorted(files)
+    test_size_cap_deletes_the_oldest_first(tmp_path)  # 16 files, runs of 7: merged across runs
