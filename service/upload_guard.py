@@ -10,7 +10,7 @@ For a request to one of them, in order:
    before its upload is parsed or decoded), for routes that queue detector work;
 4. while the app streams the body, the bytes received are counted (413 past the limit);
 5. once the whole body has arrived, the request takes an in-flight slot (503 ``overloaded``
-   when ``max_inflight`` are being processed). Uploads still arriving hold no slot: slow
+   when all ``slots.limit`` are held by requests being processed). Uploads still arriving hold no slot: slow
    clients cannot starve the others (the HTTP protocol times them out, see
    :mod:`service.http_server`). The slots (:class:`UploadSlots`) are shared with the HTTP
    protocol's early gate, which refuses an upload from its headers while none is free; an
