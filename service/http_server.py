@@ -166,7 +166,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_deadline = 0.0
         self._last_body = 0.0
         self._discarding = False  # answered from the headers; the body is read and dropped
-        self._ticket: UploadTicket | None = None  # the early gate let the current upload through
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -176,17 +175,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._end_ticket()
+        # requests that ran release their upload ticket in the upload guard; pipelined ones
+        # still queued never will run: release theirs here
+        for cycle, _app in self.pipeline:
+            ticket = cycle.scope.get(TICKET_KEY)
+            if ticket is not None:
+                ticket.done()
         super().connection_lost(exc)
-
-    def on_response_complete(self) -> None:
-        self._end_ticket()
-        super().on_response_complete()
-
-    def _end_ticket(self) -> None:
-        if self._ticket is not None:
-            self._ticket.done()
-            self._ticket = None
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
@@ -258,7 +253,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 if isinstance(early, Refusal):
                     refusal = (early.status, early.code, early.message, early.retry_after_ms)
                 elif early is not None:  # let through: counted against the slots once its body is in
-                    self._ticket = early
                     self.scope[TICKET_KEY] = early  # type: ignore[literal-required]
             elif refusal is not None:
                 refusal = (503, "overloaded", refusal, self.limits.retry_after_ms)
@@ -310,8 +304,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._expect_body:
             self._expect_body = False
             self._disarm()
-        if self._ticket is not None:
-            self._ticket.arrived()
+        ticket = self.scope.get(TICKET_KEY)
+        if ticket is not None:
+            ticket.arrived()
         if self._discarding:  # the request answered from its headers is fully read: next one
             self._discarding = False
             self.server_state.total_requests += 1

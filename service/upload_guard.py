@@ -87,8 +87,9 @@ class UploadSlots:
 
 class UploadTicket:
     """An upload the early gate let through (see :class:`UploadSlots`). The HTTP protocol calls
-    :meth:`arrived` once the body is in and :meth:`done` when the connection ends; the guard
-    calls :meth:`done` when it takes or refuses the slot. Both are idempotent."""
+    :meth:`arrived` once the body is in, and :meth:`done` for a pipelined request whose connection
+    ended before it ran; the guard calls :meth:`done` when the request takes or is refused its
+    slot, and when it ends. Both are idempotent."""
 
     __slots__ = ("_slots", "_state")
 

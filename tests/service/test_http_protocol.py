@@ -331,3 +331,32 @@ def test_uploads_let_through_count_against_the_slots_once_their_body_is_in():
     assert slots.arrived == 1
     second.done()
     assert (slots.held, slots.arrived) == (0, 0)
+
+
+def test_pipelined_uploads_cut_off_by_a_closed_connection_leave_no_slot_counted():
+    """Uploads pipelined on one connection count against the slots as their bodies arrive; when
+    the client goes away before the queued ones ever run, none of them stays counted (a leaked
+    count would refuse uploads forever)."""
+    echo = EchoDetector()
+    echo.release = threading.Event()
+    settings = settings_for(max_batch=1, queue_max_depth=50, max_inflight_requests=8, http_max_loop_lag_ms=0)
+    data, ctype = multipart([("image", "a.png", image_bytes(noise(8, 8)), "image/png")])
+    upload = post_head("/inspect", ctype, len(data)) + data
+    with live_server(settings, detector=echo) as (base, app, _srv):
+        slots = app.state.upload_slots
+        sock = connect(base)
+        sock.sendall(upload * 4)  # the first runs (held by the detector), three wait in the pipeline
+        deadline = time.monotonic() + 10
+        while (slots.held, slots.arrived) != (1, 3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counted_while_open = (slots.held, slots.arrived)
+        sock.close()
+        echo.release.set()
+        deadline = time.monotonic() + 10
+        while (slots.held, slots.arrived) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counted_after = (slots.held, slots.arrived)
+        after = httpx.post(base + "/inspect", files=files(image_bytes(noise(8, 8, 9))), timeout=30)
+    assert counted_while_open == (1, 3), counted_while_open
+    assert counted_after == (0, 0), counted_after
+    assert after.status_code == 200, after.text
