@@ -484,7 +484,8 @@ def protocol_class(limits: HttpLimits, observer: Callable[[str, str, int, str], 
     ``gate(method, path)`` may refuse a request from its headers (a
     :class:`service.upload_guard.Refusal`), or let an upload through with a
     :class:`service.upload_guard.UploadTicket` (put in the scope; told when its body has
-    arrived and when the request is over), or ``None``.
+    arrived, and released here if the request was still queued behind a pipelined one when
+    the connection ended), or ``None``.
     """
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
         "limits": limits, "loop_lag": LoopLag(),

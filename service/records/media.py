@@ -179,13 +179,12 @@ class MediaStore:
         freed = 0
         for folder in self._day_dirs():
             with os.scandir(folder) as listing:
-                files = [(e.stat(follow_symlinks=False).st_mtime_ns, e.name, e.path) for e in listing
-                         if e.is_file(follow_symlinks=False)]
-            for _mtime, _name, path in _oldest_first(files):
+                files = [(stat.st_mtime_ns, e.name, e.path, stat.st_size) for e in listing
+                         if e.is_file(follow_symlinks=False) and (stat := e.stat(follow_symlinks=False))]
+            for _mtime, _name, path, size in _oldest_first(files):
                 if total - freed <= target:
                     break
                 try:
-                    size = os.stat(path).st_size
                     os.unlink(path)
                 except OSError:
                     continue
@@ -208,8 +207,8 @@ class MediaStore:
             self.enforce_cap()
 
 
-def _oldest_first(files: list[tuple[int, str, str]]) -> Iterator[tuple[int, str, str]]:
-    """``files`` (mtime_ns, name, path) in ascending order: sorted in runs of :data:`SORT_RUN`,
+def _oldest_first(files: list[tuple[int, str, str, int]]) -> Iterator[tuple[int, str, str, int]]:
+    """``files`` (mtime_ns, name, path, size) in ascending order: sorted in runs of :data:`SORT_RUN`,
     merged lazily, so that the thread holds the GIL for one short sort at a time."""
     runs = [sorted(files[i:i + SORT_RUN]) for i in range(0, len(files), SORT_RUN)]
     return heapq.merge(*runs)

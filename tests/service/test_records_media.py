@@ -78,7 +78,7 @@ def test_size_cap_orders_oldest_first_across_sort_runs(tmp_path, monkeypatch) ->
     import service.records.media as media_module
 
     rng = random.Random(0)
-    files = [(rng.randrange(50), f"n{rng.randrange(10**6)}", f"/p/{i}") for i in range(1000)]
+    files = [(rng.randrange(50), f"n{rng.randrange(10**6)}", f"/p/{i}", i) for i in range(1000)]
     monkeypatch.setattr(media_module, "SORT_RUN", 7)
     assert list(media_module._oldest_first(files)) == sorted(files)
     test_size_cap_deletes_the_oldest_first(tmp_path)  # 16 files, runs of 7: merged across runs
